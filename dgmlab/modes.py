@@ -1,0 +1,111 @@
+"""Fast mode (the default) and full mode, chosen by one setting.
+
+* **fast** -- the embedded digits, small models, seconds on a laptop CPU. Every
+  notebook runs top to bottom in about a minute, and that is what the book and
+  the tests execute.
+* **full** -- MNIST / CIFAR-10 from their canonical files and GPU-sized models.
+  On when a CUDA GPU is present, or when ``DGMLAB_FULL=1``; ``DGMLAB_FULL=0``
+  forces fast mode even on a GPU machine (what the tests do, so that stored
+  notebook outputs stay comparable).
+
+Full-size notebook cells are tagged ``full-size`` and start with::
+
+    if modes.full_size("train X on MNIST for 20 epochs", expected="~93 nats"):
+        ...
+
+In fast mode :func:`full_size` prints what the cell would run and returns False,
+so the cell never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Mode", "current", "is_full", "device", "full_size", "FULL_ENV", "DEVICE_ENV"]
+
+FULL_ENV = "DGMLAB_FULL"
+DEVICE_ENV = "DGMLAB_DEVICE"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """The active mode: ``full`` or not, the device to use, and why."""
+
+    full: bool
+    device: torch.device
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "full" if self.full else "fast"
+
+
+def best_device() -> torch.device:
+    """The fastest available device: CUDA, then Apple's MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def current() -> Mode:
+    """Read the mode from the environment (``DGMLAB_FULL``, ``DGMLAB_DEVICE``)."""
+    raw = os.environ.get(FULL_ENV, "").strip().lower()
+    if raw in _TRUE:
+        full, reason = True, f"{FULL_ENV}={raw}"
+    elif raw in _FALSE:
+        full, reason = False, f"{FULL_ENV}={raw}"
+    elif raw == "":
+        full = torch.cuda.is_available()
+        reason = "a CUDA GPU is present" if full else "no GPU found and DGMLAB_FULL is not set"
+    else:
+        raise ValueError(
+            f"{FULL_ENV} should be 1 (full size) or 0 (fast), got {raw!r}."
+        )
+    dev = os.environ.get(DEVICE_ENV, "").strip()
+    if dev:
+        try:
+            device = torch.device(dev)
+        except RuntimeError as err:
+            raise ValueError(f"{DEVICE_ENV}={dev!r} is not a device torch knows: {err}") from None
+    else:
+        # Fast mode stays on the CPU: the models are tiny, and CPU results are
+        # the ones stored in the notebooks.
+        device = best_device() if full else torch.device("cpu")
+    return Mode(full=full, device=device, reason=reason)
+
+
+def is_full() -> bool:
+    """True in full mode."""
+    return current().full
+
+
+def device() -> torch.device:
+    """The device the active mode trains on."""
+    return current().device
+
+
+def full_size(what: str, *, expected: str | None = None) -> bool:
+    """Gate a full-size cell: True in full mode; in fast mode, say what it would run.
+
+    ``what`` describes the run (data, model, epochs); ``expected`` the figure it
+    should reach, e.g. ``"about 1.05 bits/dim"``.
+    """
+    mode = current()
+    if mode.full:
+        print(f"Full mode ({mode.reason}) on {mode.device}: {what}.")
+        if expected:
+            print(f"Expected result: {expected}.")
+        return True
+    print(f"Fast mode: skipped a full-size run. In full mode this cell would {what}.")
+    if expected:
+        print(f"Expected result: {expected}.")
+    print(f"Run it on a GPU, or set {FULL_ENV}=1 before starting Jupyter.")
+    return False
