@@ -20,6 +20,7 @@ so the cell never silently does nothing.
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -100,12 +101,13 @@ def full_size(what: str, *, expected: str | None = None) -> bool:
     """
     mode = current()
     if mode.full:
-        print(f"Full mode ({mode.reason}) on {mode.device}: {what}.")
-        if expected:
-            print(f"Expected result: {expected}.")
-        return True
-    print(f"Fast mode: skipped a full-size run. In full mode this cell would {what}.")
+        lines = [f"Full mode ({mode.reason}) on {mode.device}: {what}."]
+    else:
+        lines = [f"Fast mode: skipped a full-size run. In full mode this cell would {what}."]
     if expected:
-        print(f"Expected result: {expected}.")
-    print(f"Run it on a GPU, or set {FULL_ENV}=1 before starting Jupyter.")
-    return False
+        lines.append(f"Expected result: {expected}.")
+    if not mode.full:
+        lines.append(f"Run it on a GPU, or set {FULL_ENV}=1 before starting Jupyter.")
+    # wrapped to fit a notebook or book column without scrolling sideways
+    print("\n".join(textwrap.fill(line, width=78, subsequent_indent="  ") for line in lines))
+    return mode.full

@@ -1,0 +1,47 @@
+"""Fast mode by default; full mode by one setting."""
+
+import pytest
+import torch
+
+from dgmlab import modes
+
+
+def test_fast_mode_is_the_default_without_a_gpu(monkeypatch):
+    monkeypatch.delenv("DGMLAB_FULL", raising=False)
+    monkeypatch.delenv("DGMLAB_DEVICE", raising=False)
+    mode = modes.current()
+    assert mode.full == torch.cuda.is_available()
+    if not mode.full:
+        assert mode.device == torch.device("cpu") and mode.name == "fast"
+
+
+@pytest.mark.parametrize("value,full", [("1", True), ("true", True), ("0", False), ("off", False)])
+def test_the_environment_variable_decides(monkeypatch, value, full):
+    monkeypatch.setenv("DGMLAB_FULL", value)
+    assert modes.is_full() is full
+    assert "DGMLAB_FULL" in modes.current().reason
+
+
+def test_device_override_and_bad_values(monkeypatch):
+    monkeypatch.setenv("DGMLAB_FULL", "1")
+    monkeypatch.setenv("DGMLAB_DEVICE", "cpu")
+    assert modes.device() == torch.device("cpu")
+    monkeypatch.setenv("DGMLAB_DEVICE", "warp-drive")
+    with pytest.raises(ValueError, match="DGMLAB_DEVICE"):
+        modes.current()
+    monkeypatch.setenv("DGMLAB_FULL", "maybe")
+    with pytest.raises(ValueError, match="DGMLAB_FULL should be 1"):
+        modes.current()
+
+
+def test_full_size_gate_says_what_it_skips(monkeypatch, capsys):
+    monkeypatch.setenv("DGMLAB_FULL", "0")
+    assert modes.full_size("train a model on MNIST", expected="90 nats") is False
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # the message is wrapped to 78 columns
+    assert "train a model on MNIST" in flat and "90 nats" in flat and "DGMLAB_FULL=1" in flat
+    assert max(len(line) for line in out.splitlines()) <= 78
+    monkeypatch.setenv("DGMLAB_FULL", "1")
+    monkeypatch.setenv("DGMLAB_DEVICE", "cpu")
+    assert modes.full_size("train a model on MNIST") is True
+    assert "Full mode" in capsys.readouterr().out
