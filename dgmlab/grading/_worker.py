@@ -1,0 +1,131 @@
+"""Run one prepared submission in a fresh kernel (internal; started by the grader).
+
+Usage: ``python -m dgmlab.grading._worker REQUEST.json``. The request names the
+notebook, the check cells and where to report. Progress goes to an events file
+as JSON lines, written as it happens, so that the grader still knows how far
+the notebook got when it has to kill this process.
+
+Verdicts are read from the kernel's ``DGMLAB_GRADING_LOG`` after each cell and
+only the one for the check cell just run is kept: a ``check(...)`` call a
+student writes elsewhere cannot earn points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import DeadKernelError
+
+from .feedback import LOG_ENV
+from .notebooks import atomic_write_text, notebook_text
+
+
+class _Events:
+    """Append-only JSON-lines progress report, one line per event, unbuffered."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8", buffering=1)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self._file.write(json.dumps({"event": event, **fields}, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+
+class _Log:
+    """Reads the verdicts the kernel appends to the grading log since the last read."""
+
+    def __init__(self, path: str) -> None:
+        self._path, self._offset = path, 0
+
+    def new_records(self) -> list[dict]:
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        records = []
+        for line in data.decode("utf-8", "replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return [r for r in records if isinstance(r, dict)]
+
+
+def _error_of(cell: nbformat.NotebookNode) -> tuple[str, str] | None:
+    errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    return (errors[-1].get("ename", ""), errors[-1].get("evalue", "")) if errors else None
+
+
+def _run_cells(client: NotebookClient, nb, request: dict, events: _Events, log: _Log) -> None:
+    tests = {int(k): v for k, v in request["tests"].items()}
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or not cell.source.strip():
+            continue
+        events.emit("start", cell=index)
+        log.new_records()  # anything logged before this cell belongs to other cells
+        started = time.monotonic()
+        try:
+            client.execute_cell(cell, index)
+        except DeadKernelError:
+            events.emit("dead", cell=index)
+            return
+        error = _error_of(cell)
+        overran = time.monotonic() - started >= request["cell_timeout"]
+        if overran and error and error[0] == "KeyboardInterrupt":
+            events.emit("cell_timeout", cell=index)
+        if index in tests:
+            # The check writes its verdict last, after any student code in the cell ran.
+            mine = [r for r in log.new_records() if r.get("question") == tests[index]]
+            if mine:
+                events.emit("result", cell=index, record=mine[-1])
+            else:
+                events.emit("noresult", cell=index, question=tests[index], error=error)
+        events.emit("done", cell=index)
+        atomic_write_text(request["executed"], notebook_text(nb))
+
+
+def main(argv: list[str]) -> int:
+    request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    events = _Events(request["events"])
+    nb = nbformat.read(request["notebook"], as_version=4)
+    client = NotebookClient(
+        nb,
+        kernel_name="python3",
+        timeout=request["cell_timeout"],
+        interrupt_on_timeout=True,
+        allow_errors=True,
+        startup_timeout=request["startup_timeout"],
+        shutdown_kernel="immediate",
+        record_timing=False,
+        resources={"metadata": {"path": request["workdir"]}},
+    )
+    client.km = client.create_kernel_manager()
+    try:
+        client.start_new_kernel()
+        # Reported before anything can hang, so the grader can always kill the kernel.
+        events.emit("kernel", pid=getattr(client.km.provisioner, "pid", None))
+        client.start_new_kernel_client()
+        _run_cells(client, nb, request, events, _Log(os.environ[LOG_ENV]))
+    except Exception as err:  # report, never hide: the grader turns this into a note
+        events.emit("crash", error=f"{type(err).__name__}: {err}")
+    finally:
+        try:
+            client._cleanup_kernel()
+        except Exception:
+            pass  # the grader kills the kernel's process group anyway
+    events.emit("finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
