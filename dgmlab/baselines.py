@@ -1,0 +1,335 @@
+"""Classical discrete models: the baselines every deep model has to beat.
+
+For ``m`` variables with ``k`` values each:
+
+===============  =========================================  =======================
+model            factorisation                              free parameters
+===============  =========================================  =======================
+``Histogram``    the full joint table                       k^m − 1
+(chain rule)     p(x₁) p(x₂|x₁) … p(x_m|x_<m)               k^m − 1 (the same!)
+``MarkovChain``  p(x₁) Π p(x_j | x_{j−1})                   (k−1) + (m−1)·k·(k−1)
+``Independent``  Π p(x_j)                                   m·(k−1)
+===============  =========================================  =======================
+
+Each model stores exactly its free parameters: a categorical with ``k``
+outcomes keeps ``k − 1`` logits and a fixed 0 for the last outcome, so
+``num_parameters()`` *is* the count in the table. All follow the course's
+model API (:class:`~dgmlab.base.GenerativeModel`) and can be fitted in closed
+form (``from_data``, the maximum-likelihood frequencies, optionally smoothed)
+or by gradient descent with the shared training loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import GenerativeModel
+from .validate import check_choice, check_positive_int, check_tensor
+
+__all__ = [
+    "parameter_count",
+    "bernoulli_mle",
+    "categorical_mle",
+    "IndependentBernoulli",
+    "IndependentCategorical",
+    "MarkovChain",
+    "Histogram",
+    "MAX_HISTOGRAM_BINS",
+    "curse_of_dimensionality",
+]
+
+STRUCTURES = ("full", "chain_rule", "independent", "markov")
+MAX_HISTOGRAM_BINS = 2**24
+LOGIT_CLAMP = 30.0  # Bernoulli logits: keeps log-probabilities finite at frequencies 0 and 1
+PROB_FLOOR = 1e-12  # categorical tables: the smallest probability a fitted outcome keeps
+
+
+def parameter_count(structure: str, m: int, k: int = 2) -> int:
+    """Free parameters of a distribution over ``m`` variables with ``k`` values each.
+
+    ``structure``: ``"full"`` (joint table), ``"chain_rule"`` (all conditionals
+    p(x_j|x_<j)), ``"independent"`` or ``"markov"`` (first-order chain).
+    """
+    check_choice(structure, "structure", STRUCTURES)
+    m = check_positive_int(m, "m")
+    k = check_positive_int(k, "k")
+    if k < 2:
+        raise ValueError(f"k should be at least 2 values per variable, got {k}.")
+    if structure in ("full", "chain_rule"):
+        return k**m - 1
+    if structure == "independent":
+        return m * (k - 1)
+    return (k - 1) + (m - 1) * k * (k - 1)
+
+
+def bernoulli_mle(x: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+    """θ̂_j = (Σ_i x_ij + α) / (n + 2α): the frequency of ones per column of ``x`` (N, m).
+
+    With α = 0 this is the maximum-likelihood estimate; α > 0 is Laplace
+    smoothing (a Beta(α+1, α+1) prior), which keeps unseen outcomes possible.
+    """
+    x = check_tensor(x, "x", ndim=2, min=0, max=1)
+    if alpha < 0:
+        raise ValueError(f"alpha should be ≥ 0, got {alpha}.")
+    n = x.shape[0]
+    return (x.double().sum(0) + alpha) / (n + 2 * alpha)
+
+
+def categorical_mle(x: torch.Tensor, k: int, alpha: float = 0.0) -> torch.Tensor:
+    """π̂_jv = (#{x_ij = v} + α) / (n + kα) for integer data ``x`` (N, m): shape (m, k)."""
+    k = check_positive_int(k, "k")
+    x = check_tensor(x, "x", ndim=2, kind="integer", min=0, max=k - 1)
+    if alpha < 0:
+        raise ValueError(f"alpha should be ≥ 0, got {alpha}.")
+    counts = F.one_hot(x.long(), k).double().sum(0)  # (m, k)
+    return (counts + alpha) / (x.shape[0] + k * alpha)
+
+
+def _free_logits(probs: torch.Tensor) -> torch.Tensor:
+    """Logits relative to the last outcome: log π_v − log π_k for v < k (shape (..., k−1)).
+
+    Probabilities are floored at ``PROB_FLOOR`` first, so an outcome never seen
+    in the data keeps a finite (tiny) log-probability instead of −∞.
+    """
+    logp = probs.clamp_min(PROB_FLOOR).log()
+    return (logp[..., :-1] - logp[..., -1:]).float()
+
+
+def _log_softmax_free(free: torch.Tensor) -> torch.Tensor:
+    """Append the fixed 0 logit of the last outcome and normalise: (..., k−1) -> (..., k)."""
+    zeros = torch.zeros(*free.shape[:-1], 1, dtype=free.dtype, device=free.device)
+    return torch.log_softmax(torch.cat([free, zeros], dim=-1), dim=-1)
+
+
+class _FlatModel(GenerativeModel):
+    """Shared plumbing: accept ``(N, m)`` or ``(N, *event_shape)`` and flatten."""
+
+    def __init__(self, event_shape):
+        super().__init__()
+        if isinstance(event_shape, int):
+            event_shape = (event_shape,)
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.m = math.prod(self.event_shape)
+
+    def _flat(self, x: torch.Tensor, kind: str, max_value: int) -> torch.Tensor:
+        x = check_tensor(x, "x", kind=kind if kind != "binary" else None, min=0, max=max_value)
+        if x.dim() >= 2 and x[0].numel() == self.m:
+            return x.reshape(len(x), self.m)
+        raise ValueError(
+            f"x should be a batch of shape (N, {self.m}) or (N, {', '.join(map(str, self.event_shape))}), "
+            f"got {tuple(x.shape)}."
+        )
+
+    def _shape(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.reshape(len(flat), *self.event_shape)
+
+
+class IndependentBernoulli(_FlatModel):
+    """Every binary pixel on its own: p(x) = Π_j θ_j^{x_j} (1 − θ_j)^{1 − x_j}. m parameters."""
+
+    def __init__(self, event_shape, logits: torch.Tensor | None = None):
+        super().__init__(event_shape)
+        init = torch.zeros(self.m) if logits is None else logits.reshape(self.m).float()
+        self.logits = nn.Parameter(init.clone())
+
+    @classmethod
+    def from_data(cls, x: torch.Tensor, alpha: float = 0.0) -> "IndependentBernoulli":
+        """The MLE (α = 0) or Laplace-smoothed fit to binary data ``x`` (N, *event_shape)."""
+        theta = bernoulli_mle(x.reshape(len(x), -1), alpha)
+        return cls(x.shape[1:], torch.logit(theta).clamp(-LOGIT_CLAMP, LOGIT_CLAMP))
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """θ_j = p(x_j = 1), shape ``event_shape``."""
+        return torch.sigmoid(self.logits).reshape(self.event_shape)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._flat(x, "binary", 1).to(self.logits.dtype)
+        # log θ^x (1-θ)^(1-x), written with logits for numerical stability
+        return -F.binary_cross_entropy_with_logits(
+            self.logits.expand_as(x), x, reduction="none"
+        ).sum(1)
+
+    def sample(self, n: int) -> torch.Tensor:
+        check_positive_int(n, "n")
+        u = torch.rand(n, self.m, device=self.logits.device)
+        return self._shape((u < torch.sigmoid(self.logits)).float())
+
+
+class IndependentCategorical(_FlatModel):
+    """Every pixel on its own with ``k`` levels: p(x) = Π_j π_{j, x_j}. m·(k−1) parameters."""
+
+    def __init__(self, event_shape, k: int, free_logits: torch.Tensor | None = None):
+        super().__init__(event_shape)
+        self.k = check_positive_int(k, "k")
+        init = torch.zeros(self.m, k - 1) if free_logits is None else free_logits.float()
+        self.free_logits = nn.Parameter(init.reshape(self.m, k - 1).clone())
+
+    @classmethod
+    def from_data(cls, x: torch.Tensor, k: int, alpha: float = 0.0) -> "IndependentCategorical":
+        """The MLE (α = 0) or smoothed fit to integer data ``x`` (N, *event_shape) in 0..k−1."""
+        probs = categorical_mle(x.reshape(len(x), -1), k, alpha)
+        return cls(x.shape[1:], k, _free_logits(probs))
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """π_{j, v}, shape ``(*event_shape, k)``."""
+        return _log_softmax_free(self.free_logits).exp().reshape(*self.event_shape, self.k)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._flat(x, "integer", self.k - 1).long()
+        logp = _log_softmax_free(self.free_logits)  # (m, k)
+        return logp.gather(1, x.T).sum(0)  # pick log π_{j, x_j} for each pixel, add over j
+
+    def sample(self, n: int) -> torch.Tensor:
+        check_positive_int(n, "n")
+        probs = _log_softmax_free(self.free_logits).exp()
+        return self._shape(torch.multinomial(probs, n, replacement=True).T)
+
+
+class MarkovChain(_FlatModel):
+    """First-order chain over the pixels in raster order: p(x) = p(x₁) Π_j p(x_j | x_{j−1}).
+
+    (k−1) + (m−1)·k·(k−1) parameters: one categorical for the first pixel and,
+    for every later pixel, one categorical per value of its predecessor.
+    """
+
+    def __init__(self, event_shape, k: int = 2):
+        super().__init__(event_shape)
+        self.k = check_positive_int(k, "k")
+        self.first = nn.Parameter(torch.zeros(k - 1))
+        self.transition = nn.Parameter(torch.zeros(self.m - 1, k, k - 1))  # [j, previous value, :]
+
+    @classmethod
+    def from_data(cls, x: torch.Tensor, k: int = 2, alpha: float = 0.0) -> "MarkovChain":
+        """Closed-form MLE (α = 0) or smoothed fit: conditional frequencies of each transition."""
+        model = cls(x.shape[1:], k)
+        flat = model._flat(x, "numeric", k - 1).long()
+        first = torch.bincount(flat[:, 0], minlength=k).double()
+        pair = flat[:, :-1] * k + flat[:, 1:]  # code of (x_{j-1}, x_j)
+        counts = F.one_hot(pair, k * k).double().sum(0).reshape(model.m - 1, k, k)
+        with torch.no_grad():
+            model.first.copy_(_free_logits((first + alpha) / (first.sum() + k * alpha)))
+            totals = counts.sum(-1, keepdim=True) + k * alpha
+            # a predecessor value never seen leaves its row uniform (0/0 -> 1/k)
+            cond = torch.where(totals > 0, (counts + alpha) / totals.clamp_min(1e-300), 1.0 / k)
+            model.transition.copy_(_free_logits(cond))
+        return model
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._flat(x, "numeric", self.k - 1).long()
+        log_first = _log_softmax_free(self.first)[x[:, 0]]
+        log_trans = _log_softmax_free(self.transition)  # (m−1, k, k)
+        j = torch.arange(self.m - 1, device=x.device)
+        steps = log_trans[j, x[:, :-1], x[:, 1:]]  # log p(x_j | x_{j−1}) for every j ≥ 2
+        return log_first + steps.sum(1)
+
+    def sample(self, n: int) -> torch.Tensor:
+        check_positive_int(n, "n")
+        out = torch.empty(n, self.m, dtype=torch.long, device=self.first.device)
+        out[:, 0] = torch.multinomial(_log_softmax_free(self.first).exp(), n, replacement=True)
+        trans = _log_softmax_free(self.transition).exp()
+        for j in range(1, self.m):  # sequential: each pixel needs the one before
+            out[:, j] = torch.multinomial(trans[j - 1, out[:, j - 1]], 1).squeeze(1)
+        return self._shape(out.float() if self.k == 2 else out)
+
+
+class Histogram(_FlatModel):
+    """The full joint table over ``m`` variables with ``k`` values: k^m − 1 parameters.
+
+    The most flexible discrete model and the least usable: the number of bins
+    grows as k^m, so beyond a few pixels almost every bin is empty. Tables are
+    limited to ``MAX_HISTOGRAM_BINS`` bins.
+    """
+
+    def __init__(self, event_shape, k: int = 2):
+        super().__init__(event_shape)
+        self.k = check_positive_int(k, "k")
+        bins = k**self.m
+        if bins > MAX_HISTOGRAM_BINS:
+            raise ValueError(
+                f"A histogram over {self.m} variables with {k} values needs {k}^{self.m} = {bins:.3g} bins, "
+                f"more than the {MAX_HISTOGRAM_BINS:,} allowed here: that is the curse of dimensionality. "
+                "Use fewer variables or a factorised model."
+            )
+        self.free_logits = nn.Parameter(torch.zeros(bins - 1))
+        self.register_buffer("radix", k ** torch.arange(self.m - 1, -1, -1), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Bin index of each row: x read as an m-digit number in base k, shape (N,)."""
+        return (self._flat(x, "numeric", self.k - 1).long() * self.radix).sum(1)
+
+    def decode(self, index: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`encode`: the configurations of bins ``index``, shape (N, m)."""
+        return (index.long()[:, None] // self.radix) % self.k
+
+    @classmethod
+    def from_data(cls, x: torch.Tensor, k: int = 2, alpha: float = 0.0) -> "Histogram":
+        """π̂_b = (count_b + α) / (n + α k^m): the MLE (α = 0) or its smoothed version."""
+        model = cls(x.shape[1:], k)
+        counts = torch.bincount(model.encode(x), minlength=k**model.m).double()
+        with torch.no_grad():
+            model.free_logits.copy_(_free_logits((counts + alpha) / (counts.sum() + alpha * len(counts))))
+        return model
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """The table π_b over all k^m bins, shape (k^m,)."""
+        return _log_softmax_free(self.free_logits).exp()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return _log_softmax_free(self.free_logits)[self.encode(x)]
+
+    def sample(self, n: int) -> torch.Tensor:
+        check_positive_int(n, "n")
+        bins = torch.multinomial(self.probs, n, replacement=True)
+        out = self.decode(bins)
+        return self._shape(out.float() if self.k == 2 else out)
+
+
+def curse_of_dimensionality(
+    train: torch.Tensor,
+    test: torch.Tensor,
+    dims,
+    *,
+    k: int,
+    alpha: float = 0.5,
+    order: torch.Tensor | None = None,
+) -> dict[str, list]:
+    """Histogram vs independent model on the first ``d`` variables, for each d in ``dims``.
+
+    ``train``/``test`` are (N, m) integer-valued; variables are taken in
+    ``order`` (default: decreasing training variance, the informative ones
+    first), so the variable sets are nested. Returns lists, one entry per d:
+    ``bins`` (k^d), ``occupied`` (fraction of bins holding a training point),
+    ``unseen`` (fraction of test points in an empty bin: the MLE gives them
+    probability 0), and NLL per variable in nats for the smoothed histogram on
+    train and test and for the independent model on test.
+    """
+    train = check_tensor(train, "train", ndim=2, kind="numeric", min=0, max=k - 1)
+    test = check_tensor(test, "test", shape=(None, train.shape[1]), kind="numeric", min=0, max=k - 1)
+    if order is None:
+        order = train.double().var(0).argsort(descending=True)
+    out: dict[str, list] = {key: [] for key in
+                            ("dims", "bins", "occupied", "unseen", "hist_train", "hist_test", "independent_test")}
+    for d in dims:
+        d = check_positive_int(int(d), "d")
+        cols = order[:d]
+        a, b = train[:, cols].long(), test[:, cols].long()
+        hist = Histogram.from_data(a, k, alpha)
+        seen = torch.zeros(k**d, dtype=torch.bool)
+        seen[hist.encode(a)] = True
+        indep = IndependentCategorical.from_data(a, k, alpha)
+        with torch.no_grad():
+            out["dims"].append(d)
+            out["bins"].append(k**d)
+            out["occupied"].append(seen.double().mean().item())
+            out["unseen"].append((~seen[hist.encode(b)]).double().mean().item())
+            out["hist_train"].append(-hist.log_prob(a).mean().item() / d)
+            out["hist_test"].append(-hist.log_prob(b).mean().item() / d)
+            out["independent_test"].append(-indep.log_prob(b).mean().item() / d)
+    return out

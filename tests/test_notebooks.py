@@ -1,0 +1,82 @@
+"""The lecture notebooks: conventions, and their full-size cells run on tiny data.
+
+Full-size cells (tag ``full-size``) only run in full mode, on MNIST or
+CIFAR-10. Here they run for real through the same code path, on tiny fake
+files in the canonical formats (see :func:`dgmlab.datasets.write_fake_mnist`),
+with ``DGMLAB_FULL=1`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import matplotlib
+import nbformat
+import pytest
+
+matplotlib.use("Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+FULL_TAG = "full-size"
+
+
+def code_cells(path):
+    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+
+def test_every_chapter_has_its_three_notebooks_and_a_toc_entry():
+    toc = (ROOT / "_toc.yml").read_text()
+    assert BOOK, "no chapters in book/"
+    for path in BOOK:
+        assert (ROOT / "exercises" / path.name).is_file(), f"exercises/{path.name} is missing"
+        assert (ROOT / "solutions" / path.name).is_file(), f"solutions/{path.name} is missing"
+        assert f"book/{path.stem}" in toc, f"{path.stem} is not in _toc.yml"
+    listed = [line.split("book/")[1].strip() for line in toc.splitlines() if "file: book/" in line]
+    assert all((ROOT / "book" / f"{stem}.ipynb").is_file() for stem in listed), "_toc.yml lists a missing chapter"
+
+
+@pytest.mark.parametrize("path", BOOK, ids=[p.name for p in BOOK])
+def test_book_notebooks_are_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "start with the title"
+    assert sum(c.source.startswith("## ") for c in nb.cells if c.cell_type == "markdown") >= 3, "use section headings"
+    # outputs are made when the book is built; stored ones would only go stale
+    assert all(not c.outputs and c.execution_count is None for c in code_cells(path))
+
+
+@pytest.mark.parametrize("path", BOOK, ids=[p.name for p in BOOK])
+def test_full_size_cells_run_on_tiny_data(path, tmp_path, monkeypatch):
+    from dgmlab import datasets
+
+    cells = code_cells(path)
+    full = [c for c in cells if FULL_TAG in c.metadata.get("tags", [])]
+    if not full:
+        pytest.skip(f"{path.name} has no full-size cells")
+    monkeypatch.setenv("DGMLAB_FULL", "1")
+    monkeypatch.setenv("DGMLAB_DEVICE", "cpu")
+    monkeypatch.setenv("DGMLAB_DATA", str(tmp_path))
+    monkeypatch.setitem(datasets.DATASETS, "mnist", datasets.write_fake_mnist(tmp_path, n_train=300, n_test=60))
+    monkeypatch.chdir(path.parent)
+
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(cells[0].source, f"{path.name}:setup", "exec"), namespace)  # the imports cell
+        for cell in full:
+            exec(compile(cell.source, f"{path.name}:full-size", "exec"), namespace)
+    printed = out.getvalue()
+    assert "Full mode" in printed and "Fast mode" not in printed
+    reported = [line for line in printed.splitlines()
+                if line.strip() and not line.startswith(("Full mode", "Expected result"))]
+    assert reported, "a full-size cell should report what it measured"
+
+
+@pytest.mark.parametrize("path", BOOK, ids=[p.name for p in BOOK])
+def test_book_code_fits_the_page(path):
+    """The book's code column shows about 80 characters; longer lines scroll sideways."""
+    long = [(i, line) for i, c in enumerate(code_cells(path)) for line in c.source.splitlines() if len(line) > 80]
+    assert long == [], f"code lines over 80 characters (cell, line): {long[:3]}"
