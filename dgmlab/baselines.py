@@ -85,7 +85,10 @@ def categorical_mle(x: torch.Tensor, k: int, alpha: float = 0.0) -> torch.Tensor
     x = check_tensor(x, "x", ndim=2, kind="integer", min=0, max=k - 1)
     if alpha < 0:
         raise ValueError(f"alpha should be ≥ 0, got {alpha}.")
-    counts = F.one_hot(x.long(), k).double().sum(0)  # (m, k)
+    m = x.shape[1]
+    # count each (pixel, value) pair: code j·k + v, one bincount for all pixels
+    codes = (torch.arange(m) * k + x.long()).reshape(-1)
+    counts = torch.bincount(codes, minlength=m * k).double().reshape(m, k)
     return (counts + alpha) / (x.shape[0] + k * alpha)
 
 
@@ -210,8 +213,10 @@ class MarkovChain(_FlatModel):
         model = cls(x.shape[1:], k)
         flat = model._flat(x, "numeric", k - 1).long()
         first = torch.bincount(flat[:, 0], minlength=k).double()
-        pair = flat[:, :-1] * k + flat[:, 1:]  # code of (x_{j-1}, x_j)
-        counts = F.one_hot(pair, k * k).double().sum(0).reshape(model.m - 1, k, k)
+        # code of (j, x_{j-1}, x_j) for every transition, counted in one bincount
+        pair = torch.arange(model.m - 1) * k * k + flat[:, :-1] * k + flat[:, 1:]
+        counts = torch.bincount(pair.reshape(-1), minlength=(model.m - 1) * k * k)
+        counts = counts.double().reshape(model.m - 1, k, k)
         with torch.no_grad():
             model.first.copy_(_free_logits((first + alpha) / (first.sum() + k * alpha)))
             totals = counts.sum(-1, keepdim=True) + k * alpha

@@ -42,6 +42,7 @@ __all__ = [
     "Split",
     "digits",
     "binarize",
+    "bernoulli_binarize",
     "ToyDensity",
     "TOY_DENSITIES",
     "toy_density",
@@ -111,6 +112,16 @@ def binarize(levels: torch.Tensor, threshold: int = DIGITS_BINARY_THRESHOLD) -> 
     """Pixels at or above ``threshold`` become 1.0, the rest 0.0 (float32, same shape)."""
     levels = check_tensor(levels, "levels", kind="numeric")
     return (levels >= threshold).float()
+
+
+def bernoulli_binarize(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Binarise 8-bit images the way binarized MNIST is usually made: pixel ~ Bernoulli(value / 255).
+
+    A fixed ``seed`` gives the same binary data set every time (float32 0/1, same shape).
+    """
+    images = check_tensor(images, "images", kind="integer", min=0, max=255)
+    g = torch.Generator().manual_seed(int(seed))
+    return (torch.rand(images.shape, generator=g) < images.double() / 255).float()
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""The benchmark runner: rows, tables, and files the book includes."""
+
+import json
+
+import pytest
+
+from dgmlab import baselines, bench, data, metrics
+
+
+def test_baselines_benchmark_rows_match_a_direct_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGMLAB_DATA", str(tmp_path / "nothing-here"))  # no MNIST: digits rows only
+    rows = bench.run("baselines", out_dir=tmp_path)
+    assert [r["data"] for r in rows] == ["digits, binary"] * 2 + ["digits, 17 levels"] * 2
+    xb, xb_test = (data.digits(s, "binary", flatten=True).x for s in ("train", "test"))
+    direct = metrics.heldout_nll(baselines.IndependentBernoulli.from_data(xb, alpha=1.0), xb_test)
+    assert rows[0]["nll_nats"] == pytest.approx(direct.nats)
+    assert rows[0]["parameters"] == 64 and rows[3]["parameters"] == baselines.parameter_count("markov", 64, 17)
+    assert all(r["train_s"] >= 0 and r["sample_ms"] > 0 for r in rows)
+    table = (tmp_path / "baselines.md").read_text()
+    assert "| digits, binary | independent pixels | 64 |" in table and "do not edit" in table
+    saved = json.loads((tmp_path / "baselines.json").read_text())
+    assert saved["rows"] == rows
+
+
+def test_cli_lists_and_refuses_unknown_benchmarks(capsys):
+    assert bench.main([]) == 0
+    assert "baselines" in capsys.readouterr().out
+    assert bench.main(["nonsense", "--no-save"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_markdown_marks_bounds():
+    row = {"data": "d", "model": "m", "parameters": 1, "train_s": 0.0, "nll_nats": 1.0,
+           "bits_per_dim": 0.1, "sample_ms": 0.1, "nll_is_bound": True}
+    assert "≤ 1.00" in bench.markdown_table([row])
+
+
+def test_book_results_are_the_benchmark_format():
+    table = (bench.RESULTS_DIR / "baselines.md").read_text()
+    assert table.splitlines()[1].startswith("| " + " | ".join(bench.HEADERS))
