@@ -135,6 +135,19 @@ def _extent_pair(extent) -> tuple[tuple[float, float], tuple[float, float]]:
     raise ValueError(f"extent should be (lo, hi) or ((xlo, xhi), (ylo, yhi)), got {extent!r}.")
 
 
+def _square_axes(ax):
+    return ax if ax is not None else plt.subplots(figsize=(3.2, 3.2))[1]
+
+
+def _label_plane(ax, title: str | None):
+    """Name the axes of the data plane (x₁, x₂) and set the title."""
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 @torch.no_grad()
 def density_grid(log_prob: Callable[[torch.Tensor], torch.Tensor], extent, resolution: int = 200):
     """Evaluate ``log_prob`` on a square grid: returns ``(xs, ys, log_density)`` with shape (res, res)."""
@@ -174,14 +187,10 @@ def density_heatmap(
         finite = values[np.isfinite(values)]
         floor = finite.max() - 12 if finite.size else 0.0
         values = np.where(np.isfinite(values), np.maximum(values, floor), floor)
-    ax = ax if ax is not None else plt.subplots(figsize=(3.2, 3.2))[1]
+    ax = _square_axes(ax)
     ax.imshow(values, origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]), cmap=cmap,
               aspect="equal", interpolation="bilinear")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    if title:
-        ax.set_title(title)
-    return ax
+    return _label_plane(ax, title)
 
 
 def scatter_samples(
@@ -199,7 +208,7 @@ def scatter_samples(
     x = _to_numpy(samples)
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"samples should have shape (N, 2), got {tuple(x.shape)}.")
-    ax = ax if ax is not None else plt.subplots(figsize=(3.2, 3.2))[1]
+    ax = _square_axes(ax)
     ax.scatter(x[:, 0], x[:, 1], s=s, alpha=alpha, color=color or PALETTE[0], label=label,
                linewidths=0, rasterized=True)
     if extent is not None:
@@ -207,11 +216,7 @@ def scatter_samples(
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
     ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    if title:
-        ax.set_title(title)
-    return ax
+    return _label_plane(ax, title)
 
 
 def training_curves(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 
+from .feedback import __all__ as _feedback_all
 from .feedback import (
     LOG_ENV,
     Check,
@@ -44,19 +45,7 @@ _LAZY = {
     "grade": "grader",
 }
 
-__all__ = [
-    "LOG_ENV",
-    "Check",
-    "CheckFailed",
-    "CheckResult",
-    "check",
-    "expect_close",
-    "expect_equal",
-    "expect_function_matches",
-    "expect_shape",
-    "expect_true",
-    "results",
-]  # what ``from dgmlab.grading import *`` gives a notebook: the checks only
+__all__ = list(_feedback_all)  # what ``from dgmlab.grading import *`` gives a notebook: the checks only
 
 
 def __getattr__(name: str):
