@@ -8,6 +8,8 @@ Modules, by topic (imported on first use, so ``import dgmlab`` stays fast):
 * :mod:`dgmlab.train`     -- one training loop for every chapter
 * :mod:`dgmlab.metrics`   -- nats, bits per dimension, held-out NLL
 * :mod:`dgmlab.viz`       -- image grids, density maps, scatters, curves
+* :mod:`dgmlab.interactive` -- interactive figures: live sliders, and working sliders in the book
+* :mod:`dgmlab.divergences` -- f-divergences, KL between Gaussians, forward/reverse fits
 * :mod:`dgmlab.modes`     -- fast (default) vs full-size runs
 * :mod:`dgmlab.grading`   -- graded exercises: checks, generator, grader
 """
@@ -20,7 +22,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "base", "data", "datasets", "train", "metrics", "viz", "modes", "grading",
-    "validate", "baselines", "classifiers", "tricks", "bench", "testing",
+    "validate", "baselines", "classifiers", "tricks", "bench", "divergences", "interactive",
 }
 
 

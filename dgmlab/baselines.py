@@ -40,6 +40,7 @@ __all__ = [
     "Histogram",
     "MAX_HISTOGRAM_BINS",
     "curse_of_dimensionality",
+    "DiagonalGaussian",
 ]
 
 STRUCTURES = ("full", "chain_rule", "independent", "markov")
@@ -338,3 +339,39 @@ def curse_of_dimensionality(
             out["hist_test"].append(-hist.log_prob(b).mean().item() / d)
             out["independent_test"].append(-indep.log_prob(b).mean().item() / d)
     return out
+
+
+class DiagonalGaussian(GenerativeModel):
+    """A Gaussian with a diagonal covariance, N(μ, diag(σ²)): the simplest continuous model.
+
+    2·d parameters (means and log standard deviations). ``from_data`` is the
+    MLE: the sample mean and the (biased, divide-by-n) sample variance.
+    """
+
+    def __init__(self, dim: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        super().__init__()
+        self.dim = check_positive_int(dim, "dim")
+        self.mean = nn.Parameter(torch.zeros(dim) if mean is None else mean.reshape(dim).float().clone())
+        log_std = torch.zeros(dim) if std is None else check_tensor(std, "std", min=1e-30).reshape(dim).float().log()
+        self.log_std = nn.Parameter(log_std.clone())
+
+    @classmethod
+    def from_data(cls, x: torch.Tensor) -> "DiagonalGaussian":
+        """Maximum-likelihood fit to ``x`` of shape (N, dim)."""
+        x = check_tensor(x, "x", ndim=2, kind="float", finite=True)
+        if len(x) < 2:
+            raise ValueError("fitting a Gaussian needs at least 2 points.")
+        return cls(x.shape[1], x.mean(0), x.var(0, unbiased=False).sqrt())
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.log_std.exp()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_tensor(x, "x", shape=(None, self.dim), kind="float")
+        z = (x - self.mean) / self.std
+        return (-0.5 * z**2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(1)
+
+    def sample(self, n: int) -> torch.Tensor:
+        check_positive_int(n, "n")
+        return self.mean + self.std * torch.randn(n, self.dim, device=self.mean.device)
