@@ -2,6 +2,7 @@
 
 * nbval runs the notebooks in **fast mode**, whatever the machine: the outputs
   stored in ``solutions/`` were made in fast mode.
+* Parallel workers get a fair share of the CPU threads each.
 * ``solutions/`` is validated strictly (every stored output must be reproduced),
   ``book/`` in nbval's *lax* mode: its notebooks must run without error, but
   their outputs are regenerated when the book is built and are not stored.
@@ -14,6 +15,14 @@ import os
 from pathlib import Path
 
 os.environ["DGMLAB_FULL"] = "0"  # inherited by every notebook kernel pytest starts
+
+# pytest-xdist workers share the machine's cores. Each torch process would
+# start one thread per core, and several of them then fight over every core
+# (a 10x slowdown on 2 cores): give each worker, and the kernels it starts,
+# its share of the cores instead.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 LAX_FOLDERS = (Path(__file__).parent / "book",)
 

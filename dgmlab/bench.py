@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .files import atomic_write
+
 __all__ = ["BENCHMARKS", "benchmark", "measure", "run", "main", "RESULTS_DIR"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
 BENCHMARKS: dict[str, tuple[Callable[[], list[dict]], str]] = {}
-COLUMNS = ("data", "model", "parameters", "train_s", "nll_nats", "bits_per_dim", "sample_ms")
-HEADERS = ("data", "model", "parameters", "training (s)", "test NLL (nats)", "bits/dim",
+COLUMNS = ("data", "model", "parameters", "train_s", "epoch_s", "nll_nats", "bits_per_dim", "sample_ms")
+HEADERS = ("data", "model", "parameters", "training (s)", "s/epoch", "test NLL (nats)", "bits/dim",
            "sampling (ms/image)")
 
 
@@ -40,29 +40,36 @@ def benchmark(name: str, description: str):
     return register
 
 
-def measure(data_name: str, model_name: str, fit: Callable[[], torch.nn.Module], test: torch.Tensor,
+def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor,
             *, scale: float = 1.0, samples: int = 100) -> dict:
-    """Fit a model (timed), score it on ``test`` and time ``sample``: one row of a table."""
+    """Fit a model (timed), score it on ``test`` and time ``sample``: one row of a table.
+
+    ``fit()`` returns the model, or ``(model, history)`` for a model trained
+    with :func:`dgmlab.train.fit` (then seconds per epoch are reported too).
+    """
     from .metrics import heldout_nll
 
     start = time.perf_counter()
-    model = fit()
+    fitted = fit()
     train_s = time.perf_counter() - start
+    model, history = fitted if isinstance(fitted, tuple) else (fitted, None)
+    epoch_s = history.seconds[-1] / len(history) if history is not None and len(history) else None
     nll = heldout_nll(model, test, scale=scale)
     start = time.perf_counter()
     with torch.no_grad():
         model.sample(samples)
     sample_ms = 1000 * (time.perf_counter() - start) / samples
     return {"data": data_name, "model": model_name, "parameters": model.num_parameters(),
-            "train_s": train_s, "nll_nats": nll.nats, "bits_per_dim": nll.bpd, "sample_ms": sample_ms,
-            "nll_is_bound": nll.is_bound}
+            "train_s": train_s, "epoch_s": epoch_s, "nll_nats": nll.nats, "bits_per_dim": nll.bpd,
+            "sample_ms": sample_ms, "nll_is_bound": nll.is_bound}
 
 
 def _format(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
         rel = "≤ " if r.get("nll_is_bound") else ""
-        out.append([r["data"], r["model"], f"{r['parameters']:,}", f"{r['train_s']:.2f}",
+        epoch = "–" if r.get("epoch_s") is None else f"{r['epoch_s']:.2f}"
+        out.append([r["data"], r["model"], f"{r['parameters']:,}", f"{r['train_s']:.2f}", epoch,
                     f"{rel}{r['nll_nats']:.2f}", f"{r['bits_per_dim']:.3f}", f"{r['sample_ms']:.3f}"])
     return out
 
@@ -72,18 +79,6 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in _format(rows)]
     return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(name: str, out_dir: Path | None = RESULTS_DIR) -> list[dict]:
@@ -100,8 +95,8 @@ def run(name: str, out_dir: Path | None = RESULTS_DIR) -> list[dict]:
     if out_dir is not None:
         note = (f"<!-- written by `python -m dgmlab.bench {name}`; do not edit by hand -->\n"
                 f"{table}\n\n*Measured on {machine}.*\n")
-        _write_atomic(Path(out_dir) / f"{name}.md", note)
-        _write_atomic(Path(out_dir) / f"{name}.json",
+        atomic_write(Path(out_dir) / f"{name}.md", note)
+        atomic_write(Path(out_dir) / f"{name}.json",
                       json.dumps({"benchmark": name, "machine": machine, "rows": rows}, indent=1) + "\n")
     return rows
 
@@ -135,6 +130,70 @@ def _baselines() -> list[dict]:
     rows.append(measure("MNIST, binarized", "Markov chain (raster order)",
                         lambda: B.MarkovChain.from_data(train, 2, alpha=1.0), test))
     return rows
+
+
+DIGITS_BUDGET_S = 60.0  # the CPU training budget of each model on the digits
+
+
+def _fit_digits(model, train, val, *, epochs: int, budget: float, **settings):
+    from .train import cosine, fit
+
+    torch.manual_seed(0)
+    history = fit(model, train, val, epochs=epochs, scheduler=cosine(epochs), max_seconds=budget,
+                  progress=False, **settings)
+    return model, history
+
+
+@benchmark("autoregressive", "MADE and PixelCNN on the digits, 60 s of CPU training each, against the baselines")
+def _autoregressive() -> list[dict]:
+    from . import autoregressive as A
+    from . import baselines as B
+    from . import data
+
+    xb, xb_val, xb_test = (data.digits(s, "binary", flatten=True).x for s in ("train", "val", "test"))
+    xl, xl_val, xl_test = (data.digits(s, "levels").x for s in ("train", "val", "test"))
+    pixel = dict(A.DIGITS_PIXELCNN)
+    rows = [
+        measure("digits, binary", "independent pixels", lambda: B.IndependentBernoulli.from_data(xb, alpha=1.0),
+                xb_test),
+        measure("digits, binary", "MADE (500 units, 8 orderings)", lambda: _fit_digits(
+            A.MADE(64, **A.DIGITS_MADE), xb, xb_val, epochs=1000, budget=DIGITS_BUDGET_S,
+            **A.DIGITS_MADE_TRAINING), xb_test),
+        measure("digits, 17 levels", "independent pixels",
+                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test),
+        measure("digits, 17 levels", "PixelCNN (blind spot), categorical", lambda: _fit_digits(
+            A.PixelCNN((1, 8, 8), levels=17, channels=48, layers=4, kernel=3, first_kernel=7), xl, xl_val,
+            epochs=40, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
+        measure("digits, 17 levels", "gated PixelCNN, categorical", lambda: _fit_digits(
+            A.GatedPixelCNN((1, 8, 8), levels=17, **{**pixel, "output": "categorical"}), xl, xl_val,
+            epochs=30, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
+        measure("digits, 17 levels", "gated PixelCNN, logistic mixture", lambda: _fit_digits(
+            A.GatedPixelCNN((1, 8, 8), levels=17, **pixel), xl, xl_val,
+            epochs=30, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
+    ]
+    return rows
+
+
+@benchmark("autoregressive-mnist", "MADE on binarized MNIST, 6 minutes of CPU training (needs the MNIST files)")
+def _autoregressive_mnist() -> list[dict]:
+    from . import autoregressive as A
+    from . import baselines as B
+    from . import datasets
+    from .train import cosine, fit
+
+    train_x, val_x, test_x = (datasets.binarized_mnist(s, download=False).reshape(-1, 784)
+                              for s in ("train", "val", "test"))
+
+    def fit_made():
+        torch.manual_seed(0)
+        made = A.MADE(784, **A.MNIST_MADE)
+        history = fit(made, train_x, val_x, epochs=60, batch_size=100, lr=1e-3, scheduler=cosine(60),
+                      max_seconds=360, progress=False)
+        return made, history
+
+    return [measure("MNIST, binarized", "independent pixels",
+                    lambda: B.IndependentBernoulli.from_data(train_x, alpha=1.0), test_x),
+            measure("MNIST, binarized", "MADE (1000 units), 6 min", fit_made, test_x, samples=20)]
 
 
 def main(argv=None) -> int:

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_open, atomic_write
+
 from .validate import check_choice, check_positive_int
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "write_idx",
     "write_fake_mnist",
     "write_fake_cifar10",
+    "binarized_mnist",
 ]
 
 DATA_ENV = "DGMLAB_DATA"
@@ -278,45 +281,39 @@ def download(
     :class:`DownloadError`, a wrong md5 :class:`CorruptDataError`.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     digest = hashlib.md5(usedforsecurity=False)
     received = 0
-    done = False
-    try:
-        with os.fdopen(fd, "wb") as out:
+    # atomic_open deletes the partial file on any failure, Ctrl-C included
+    with atomic_open(dest, "wb", suffix=".part") as out:
+        try:
+            response = _open_url(url, timeout)
+        except Exception as err:  # URLError, timeouts, refused connections...
+            raise DownloadError(f"could not open {url}: {err}") from err
+        with response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            bar = _progress_bar(progress, total, f"Downloading {url}")
             try:
-                response = _open_url(url, timeout)
-            except Exception as err:  # URLError, timeouts, refused connections...
-                raise DownloadError(f"could not open {url}: {err}") from err
-            with response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                bar = _progress_bar(progress, total, f"Downloading {url}")
-                try:
-                    while True:
-                        try:
-                            chunk = response.read(1 << 16)
-                        except Exception as err:  # IncompleteRead, reset, timeout
-                            raise DownloadError(
-                                f"the connection to {url} failed after {received} bytes: {err}"
-                            ) from err
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        if bar is not None:
-                            bar.update(len(chunk))
-                finally:
+                while True:
+                    try:
+                        chunk = response.read(1 << 16)
+                    except Exception as err:  # IncompleteRead, reset, timeout
+                        raise DownloadError(
+                            f"the connection to {url} failed after {received} bytes: {err}"
+                        ) from err
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
                     if bar is not None:
-                        bar.close()
-            if total is not None and received != total:
-                raise DownloadError(
-                    f"the connection to {url} closed after {received} of {total} bytes."
-                )
-            out.flush()
-            os.fsync(out.fileno())
+                        bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
+        if total is not None and received != total:
+            raise DownloadError(
+                f"the connection to {url} closed after {received} of {total} bytes."
+            )
         found = digest.hexdigest()
         if found != md5.lower():
             raise CorruptDataError(
@@ -324,12 +321,6 @@ def download(
                 "it was discarded. The mirror may be serving a different or damaged file: "
                 "try another mirror or download it by hand."
             )
-        os.replace(tmp, dest)
-        done = True
-    finally:
-        # BaseException too: a KeyboardInterrupt must not leave a partial file.
-        if not done:
-            tmp.unlink(missing_ok=True)
     _MD5_CACHE[_cache_key(dest)] = md5.lower()  # just hashed while streaming
     return dest
 
@@ -846,18 +837,6 @@ def load_cifar10(
 # --------------------------------------------------------------------------- fake files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``array`` as an IDX file (gzipped if ``path`` ends in ``.gz``), atomically."""
     path = Path(path)
@@ -876,7 +855,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     if path.name.endswith(".gz"):
         # mtime=0 keeps the bytes, hence the md5, the same from run to run.
         payload = gzip.compress(payload, compresslevel=6, mtime=0)
-    _write_atomic(path, payload)
+    atomic_write(path, payload)
     return path
 
 
@@ -986,7 +965,7 @@ def write_fake_cifar10(
                 tar.addfile(info, io.BytesIO(payload))
     (archive_name,) = real.files
     archive = data_root(root) / real.folders[0] / archive_name
-    _write_atomic(archive, buffer.getvalue())
+    atomic_write(archive, buffer.getvalue())
     return dataclasses.replace(
         real,
         name=f"{real.name.removesuffix(' (fake)')} (fake)",
@@ -996,3 +975,26 @@ def write_fake_cifar10(
         },
         mirrors=(),
     )
+
+
+
+def binarized_mnist(split: str = "train", root: str | os.PathLike | None = None, *, download: bool = True,
+                    validation: int = 10_000) -> torch.Tensor:
+    """Binarized MNIST, the usual way: each pixel ~ Bernoulli(intensity / 255), with a fixed seed.
+
+    ``split``: ``"train"`` (the first 60,000 − ``validation`` training images),
+    ``"val"`` (the last ``validation`` ones) or ``"test"``. The seeds (0 for
+    the training file, 1 for the test file) make the binary data identical on
+    every machine. Returns float32 0/1 images (N, 1, 28, 28).
+    """
+    from .data import bernoulli_binarize
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split should be 'train', 'val' or 'test', got {split!r}.")
+    images, _ = load_mnist("test" if split == "test" else "train", root=root, download=download)
+    binary = bernoulli_binarize(images, seed=1 if split == "test" else 0)
+    if split == "test":
+        return binary
+    if not 0 < validation < len(binary):
+        raise ValueError(f"validation should be between 1 and {len(binary) - 1}, got {validation}.")
+    return binary[: len(binary) - validation] if split == "train" else binary[len(binary) - validation:]

@@ -40,7 +40,6 @@ import json
 import keyword
 import math
 import os
-import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +52,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .files import atomic_write
 from . import viz  # noqa: F401  (importing it applies the course style to every frame)
 from .validate import check_choice, check_positive_int
 
@@ -206,7 +206,7 @@ class InteractiveFigure:
             f"<title>{title}</title>\n</head>\n<body style=\"font-family:sans-serif\">\n{self.html()}\n"
             "</body>\n</html>\n"
         )
-        _write_atomic(path, page.encode("utf-8"))
+        atomic_write(path, page.encode("utf-8"))
         return path
 
     def _value_labels(self) -> list[list[str]]:
@@ -524,17 +524,3 @@ def _live_kernel() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so a crash never leaves half a page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a page is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Mode", "current", "is_full", "device", "full_size", "FULL_ENV", "DEVICE_ENV"]
+__all__ = ["Mode", "current", "is_full", "device", "full_size", "config", "is_smoke",
+           "FULL_ENV", "DEVICE_ENV", "SMOKE_ENV"]
 
 FULL_ENV = "DGMLAB_FULL"
 DEVICE_ENV = "DGMLAB_DEVICE"
+SMOKE_ENV = "DGMLAB_SMOKE"  # tests only: full-size cells run their code path with tiny settings
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -111,3 +113,23 @@ def full_size(what: str, *, expected: str | None = None) -> bool:
     # wrapped to fit a notebook or book column without scrolling sideways
     print("\n".join(textwrap.fill(line, width=78, subsequent_indent="  ") for line in lines))
     return mode.full
+
+
+def is_smoke() -> bool:
+    """True when ``DGMLAB_SMOKE=1``: the test suite running full-size cells on tiny data."""
+    return os.environ.get(SMOKE_ENV, "").strip().lower() in _TRUE
+
+
+def config(*, full: dict, smoke: dict) -> dict:
+    """The settings of a full-size cell: ``full`` normally, ``smoke`` in the tests.
+
+    The test suite runs every full-size cell end to end on tiny fake data with
+    ``DGMLAB_SMOKE=1``; the cell's code path is the same, only these numbers
+    (sizes, epochs, time budgets) shrink. Both dicts must have the same keys.
+    """
+    if set(full) != set(smoke):
+        raise ValueError(f"full and smoke settings must have the same keys; they differ in "
+                         f"{sorted(set(full) ^ set(smoke))}.")
+    chosen = dict(smoke if is_smoke() else full)
+    print("Configuration:", ", ".join(f"{k}={v}" for k, v in chosen.items()))
+    return chosen

@@ -18,7 +18,6 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -30,10 +29,12 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_co
 from tqdm.std import tqdm  # the text bar: notebooks are rendered statically
 
 from dgmlab import modes
+from dgmlab.files import atomic_open
 from dgmlab.validate import as_tensor, check_choice, check_positive_int
 
 __all__ = [
-    "fit", "evaluate", "History", "save_checkpoint", "load_checkpoint", "CheckpointError",
+    "fit", "evaluate", "History", "save_checkpoint", "load_checkpoint", "CheckpointError", "cosine",
+    "fit_and_evaluate",
 ]
 
 FORMAT = "dgmlab.train/1"  # written into every checkpoint, checked on resume
@@ -186,25 +187,8 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """
     path = os.fspath(path)
     _check_plain(obj)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave the temp file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError, AttributeError):  # make the rename durable (POSIX)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_open(path, "wb", private=True) as f:  # old file or new, never half of one
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -630,3 +614,33 @@ def _set_rng_state(state: dict, shuffler: torch.Generator) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     shuffler.set_state(state["shuffle"])
+
+
+def cosine(epochs: int) -> Callable:
+    """A ``scheduler`` for :func:`fit`: the learning rate follows half a cosine to 0 over ``epochs``."""
+    epochs = check_positive_int(epochs, "epochs")
+    return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+
+
+def fit_and_evaluate(model: nn.Module, train, val, test: torch.Tensor, *, samples: int = 16,
+                     scale: float = 1.0, **fit_kwargs) -> dict:
+    """Train with :func:`fit`, then report the held-out NLL and draw ``samples`` objects.
+
+    The recipe of every full-size notebook cell in one call: returns a dict with
+    ``history``, ``nll`` (a :class:`dgmlab.metrics.NLL`: nats and bits/dim; pass
+    ``scale=256`` for continuous models of rescaled 8-bit data) and ``samples``,
+    and prints a one-line summary.
+    """
+    from .metrics import heldout_nll
+
+    history = fit(model, train, val, **fit_kwargs)
+    nll = heldout_nll(model, test, scale=scale)
+    drawn = None
+    if samples:
+        with torch.no_grad():
+            drawn = model.sample(samples).cpu()
+    seconds = history.seconds[-1] if history.seconds else 0.0
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{type(model).__name__}: {count:,} parameters, {len(history)} epochs in {seconds:.0f} s; "
+          f"test {nll}")
+    return {"history": history, "nll": nll, "samples": drawn}

@@ -1,7 +1,6 @@
 """Claims C1-C3: maximum likelihood is counting, parameter counts, the curse of dimensionality."""
 
 import itertools
-import math
 
 import pytest
 import torch

@@ -786,3 +786,19 @@ def test_spec_is_frozen_and_copies_its_inputs():
     assert spec.mirrors == ("http://m/",) and spec.folders == (".",)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "y"
+
+
+def test_binarized_mnist_is_a_fixed_bernoulli_draw_with_a_validation_split(tmp_path, monkeypatch):
+    spec = datasets.write_fake_mnist(tmp_path, n_train=120, n_test=40)
+    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
+    train = datasets.binarized_mnist("train", tmp_path, validation=20)
+    val = datasets.binarized_mnist("val", tmp_path, validation=20)
+    test = datasets.binarized_mnist("test", tmp_path)
+    assert train.shape == (100, 1, 28, 28) and val.shape == (20, 1, 28, 28) and test.shape == (40, 1, 28, 28)
+    assert set(torch.cat([train, val, test]).unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(train, datasets.binarized_mnist("train", tmp_path, validation=20))  # same seed, same data
+    # each pixel is on with probability intensity / 255
+    images = datasets.load_mnist("train", tmp_path)[0][:100].double() / 255
+    assert abs(train.double().mean().item() - images.mean().item()) < 0.01
+    with pytest.raises(ValueError, match="split should be"):
+        datasets.binarized_mnist("validation", tmp_path)

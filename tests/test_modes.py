@@ -45,3 +45,14 @@ def test_full_size_gate_says_what_it_skips(monkeypatch, capsys):
     monkeypatch.setenv("DGMLAB_DEVICE", "cpu")
     assert modes.full_size("train a model on MNIST") is True
     assert "Full mode" in capsys.readouterr().out
+
+
+def test_config_picks_full_or_smoke_settings(monkeypatch, capsys):
+    monkeypatch.delenv("DGMLAB_SMOKE", raising=False)
+    full, smoke = dict(layers=12, epochs=20), dict(layers=1, epochs=1)
+    assert modes.config(full=full, smoke=smoke) == full
+    assert "layers=12, epochs=20" in capsys.readouterr().out  # the cell states what it runs
+    monkeypatch.setenv("DGMLAB_SMOKE", "1")
+    assert modes.is_smoke() and modes.config(full=full, smoke=smoke) == smoke
+    with pytest.raises(ValueError, match="same keys"):
+        modes.config(full=full, smoke=dict(layers=1))

@@ -58,10 +58,13 @@ def test_full_size_cells_run_on_tiny_data(path, tmp_path, monkeypatch):
     cells = code_cells(path)
     full = [c for c in cells if FULL_TAG in c.metadata.get("tags", [])]
     monkeypatch.setenv("DGMLAB_FULL", "1")
+    monkeypatch.setenv("DGMLAB_SMOKE", "1")  # the cells' tiny settings (modes.config)
     monkeypatch.setenv("DGMLAB_DEVICE", "cpu")
-    monkeypatch.setenv("DGMLAB_DATA", str(tmp_path))
-    monkeypatch.setitem(datasets.DATASETS, "mnist", datasets.write_fake_mnist(tmp_path, n_train=300, n_test=60))
-    monkeypatch.chdir(path.parent)
+    monkeypatch.setenv("DGMLAB_DATA", str(tmp_path / "data"))
+    monkeypatch.setitem(datasets.DATASETS, "mnist",
+                        datasets.write_fake_mnist(tmp_path / "data", n_train=300, n_test=60))
+    monkeypatch.setitem(datasets.DATASETS, "cifar10", datasets.write_fake_cifar10(tmp_path / "data", n_per_batch=12))
+    monkeypatch.chdir(tmp_path)  # checkpoints and other files land here
 
     namespace: dict = {}
     out = io.StringIO()
@@ -70,7 +73,7 @@ def test_full_size_cells_run_on_tiny_data(path, tmp_path, monkeypatch):
         for cell in full:
             exec(compile(cell.source, f"{path.name}:full-size", "exec"), namespace)
     printed = out.getvalue()
-    assert "Full mode" in printed and "Fast mode" not in printed
+    assert printed.count("Full mode") == len(full) and "Fast mode" not in printed
     reported = [line for line in printed.splitlines()
                 if line.strip() and not line.startswith(("Full mode", "Expected result"))]
     assert reported, "a full-size cell should report what it measured"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from dgmlab import train
 from dgmlab.train import CheckpointError, History, evaluate, fit, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning")
@@ -489,3 +490,29 @@ class VectorLoss(GaussianMean):
 def test_bad_inputs_give_clear_errors(model, data, kwargs, error, message):
     with pytest.raises(error, match=message):
         fit(model, data, progress=False, **kwargs)
+
+
+def test_cosine_schedule_anneals_to_zero():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = train.cosine(4)(opt)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fit_and_evaluate_reports_nll_and_samples(capsys):
+    from dgmlab.baselines import DiagonalGaussian
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 2) * 2 + 1
+    model = DiagonalGaussian(2)
+    out = train.fit_and_evaluate(model, x[:300], x[300:350], x[350:], samples=5, epochs=30,
+                                 batch_size=100, lr=0.1, progress=False)
+    assert out["samples"].shape == (5, 2) and len(out["history"]) == 30
+    assert out["nll"].nats == pytest.approx(-model.log_prob(x[350:]).mean().item(), rel=1e-5)
+    assert "DiagonalGaussian: 4 parameters, 30 epochs" in capsys.readouterr().out

@@ -23,13 +23,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import nbformat
 from nbformat import NotebookNode
+
+from ..files import atomic_write
 
 __all__ = [
     "NotebookError",
@@ -127,24 +128,7 @@ def notebook_text(nb: NotebookNode) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# --------------------------------------------------------------------------
-# Analysing cells
-# --------------------------------------------------------------------------
-
+    atomic_write(path, text)
 
 def _parse(source: str) -> ast.Module | None:
     """The cell's syntax tree; IPython magics are translated first if needed."""
