@@ -10,6 +10,11 @@ Modules, by topic (imported on first use, so ``import dgmlab`` stays fast):
 * :mod:`dgmlab.viz`       -- image grids, density maps, scatters, curves
 * :mod:`dgmlab.interactive` -- interactive figures: live sliders, and working sliders in the book
 * :mod:`dgmlab.divergences` -- f-divergences, KL between Gaussians, forward/reverse fits
+* :mod:`dgmlab.baselines` -- independent-pixel, Markov-chain and Gaussian baselines
+* :mod:`dgmlab.classifiers` -- generative vs discriminative classifiers (Chapter 1)
+* :mod:`dgmlab.autoregressive` -- MADE, PixelCNN and gated PixelCNN
+* :mod:`dgmlab.flows`     -- normalizing flows: planar, RealNVP, Glow layers, MAF/IAF, dequantization
+* :mod:`dgmlab.bench`     -- the benchmarks whose tables appear in the book
 * :mod:`dgmlab.modes`     -- fast (default) vs full-size runs
 * :mod:`dgmlab.grading`   -- graded exercises: checks, generator, grader
 """
@@ -23,6 +28,7 @@ __version__ = "0.1.0"
 _SUBMODULES = {
     "base", "data", "datasets", "train", "metrics", "viz", "modes", "grading",
     "validate", "baselines", "classifiers", "tricks", "bench", "divergences", "interactive",
+    "autoregressive", "flows", "files",
 }
 
 

@@ -40,6 +40,7 @@ from .validate import check_choice, check_positive_int, check_tensor
 
 __all__ = [
     "MaskedLinear",
+    "MaskedMLP",
     "made_degrees",
     "made_masks",
     "MADE",
@@ -109,6 +110,84 @@ def made_masks(degrees: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return masks
 
 
+class MaskedMLP(nn.Module):
+    """A fully connected network in which output block j only sees input blocks earlier in an order.
+
+    ``dim`` dimensions, each entering as ``in_per_dim`` input units and leaving
+    as ``out_per_dim`` output units (one logit, ``levels`` logits, a shift and a
+    log-scale, ...). ``num_masks`` orders and connectivities are available
+    (``set_mask``): number 0 uses ``order`` (default: the natural one), the others
+    are random permutations. ``context_dim`` extra inputs (a condition) feed
+    every hidden unit unmasked. ``calls`` counts forward passes (for Chapter 4's
+    MAF-vs-IAF comparison).
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int], *, in_per_dim: int = 1, out_per_dim: int = 1,
+                 num_masks: int = 1, order: torch.Tensor | None = None, direct: bool = True,
+                 context_dim: int = 0, dropout: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.dim = check_positive_int(dim, "dim")
+        if dim < 2:
+            raise ValueError("a masked network needs at least 2 dimensions.")
+        self.hidden = [check_positive_int(h, "hidden size") for h in hidden]
+        if not self.hidden:
+            raise ValueError("hidden should list at least one layer size.")
+        self.k_in, self.k_out = in_per_dim, out_per_dim
+        self.num_masks = check_positive_int(num_masks, "num_masks")
+        self.seed, self.dropout = int(seed), float(dropout)
+        self.base_order = torch.arange(dim) if order is None else check_tensor(
+            order, "order", shape=(dim,), kind="integer").long()
+        if sorted(self.base_order.tolist()) != list(range(dim)):
+            raise ValueError(f"order should be a permutation of 0..{dim - 1}.")
+        sizes = [dim * in_per_dim, *self.hidden]
+        self.layers = nn.ModuleList(MaskedLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.out = MaskedLinear(sizes[-1], dim * out_per_dim)
+        self.direct = MaskedLinear(dim * in_per_dim, dim * out_per_dim, bias=False) if direct else None
+        self.context = nn.Linear(context_dim, self.hidden[0]) if context_dim else None
+        self.current_mask = -1
+        self.calls = 0
+        self.set_mask(0)
+
+    def ordering(self, k: int) -> torch.Tensor:
+        """Position of each dimension in ordering ``k``."""
+        if k == 0:
+            return self.base_order
+        return torch.randperm(self.dim, generator=torch.Generator().manual_seed(self.seed * 7919 + k))
+
+    def set_mask(self, k: int) -> None:
+        """Switch to ordering/connectivity ``k`` (0 ≤ k < num_masks); deterministic in (seed, k)."""
+        if not 0 <= k < self.num_masks:
+            raise ValueError(f"mask index should be in [0, {self.num_masks}), got {k}.")
+        if k == self.current_mask:
+            return
+        g = torch.Generator().manual_seed(self.seed * 104729 + k)
+        degrees = made_degrees(self.ordering(k), self.hidden, g)
+        masks = made_masks(degrees)
+        # every dimension is repeated k_in / k_out times (one-hot inputs, several outputs)
+        masks[0] = masks[0].repeat_interleave(self.k_in, dim=1)
+        masks[-1] = masks[-1].repeat_interleave(self.k_out, dim=0)
+        for layer, mask in zip([*self.layers, self.out], masks):
+            layer.mask.copy_(mask)
+        if self.direct is not None:
+            order = degrees[0]
+            direct = (order[:, None] > order[None, :]).float()
+            self.direct.mask.copy_(direct.repeat_interleave(self.k_out, 0).repeat_interleave(self.k_in, 1))
+        self.current_mask = k
+
+    def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, dim·in_per_dim) → (N, dim·out_per_dim), output units grouped by dimension."""
+        self.calls += 1
+        h = inputs
+        for i, layer in enumerate(self.layers):
+            pre = layer(h)
+            if i == 0 and self.context is not None:
+                if context is None:
+                    raise ValueError("this network is conditional: pass a context.")
+                pre = pre + self.context(context)
+            h = F.dropout(F.relu(pre), self.dropout, self.training)
+        return self.out(h) + (self.direct(inputs) if self.direct is not None else 0)
+
+
 class MADE(GenerativeModel):
     """Masked Autoencoder for Distribution Estimation (Germain et al., 2015).
 
@@ -133,45 +212,22 @@ class MADE(GenerativeModel):
         self.levels = check_positive_int(levels, "levels")
         if levels < 2 or d < 2:
             raise ValueError(f"MADE needs at least 2 dimensions and 2 levels, got {d} and {levels}.")
-        self.hidden = [check_positive_int(h, "hidden size") for h in hidden]
-        self.num_masks = check_positive_int(num_masks, "num_masks")
-        self.seed, self.dropout = int(seed), float(dropout)
-        k_in = 1 if levels == 2 else levels  # one-hot inputs for categorical data
-        k_out = 1 if levels == 2 else levels
-        sizes = [d * k_in, *self.hidden]
-        self.layers = nn.ModuleList(MaskedLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.out = MaskedLinear(sizes[-1], d * k_out)
-        self.direct = MaskedLinear(d * k_in, d * k_out, bias=False) if direct else None
-        self.k_in, self.k_out = k_in, k_out
-        self.current_mask = -1
-        self.set_mask(0)
+        k = 1 if levels == 2 else levels  # one-hot inputs and one logit per level for categorical data
+        self.net = MaskedMLP(d, hidden, in_per_dim=k, out_per_dim=k, num_masks=num_masks, direct=direct,
+                             dropout=dropout, seed=seed)
+        self.num_masks = self.net.num_masks
 
-    # -- masks --------------------------------------------------------------------------
+    @property
+    def current_mask(self) -> int:
+        return self.net.current_mask
+
     def ordering(self, k: int) -> torch.Tensor:
         """Position of each dimension in ordering ``k`` (k = 0: the natural order)."""
-        if k == 0:
-            return torch.arange(self.dim)
-        return torch.randperm(self.dim, generator=torch.Generator().manual_seed(self.seed * 7919 + k))
+        return self.net.ordering(k)
 
     def set_mask(self, k: int) -> None:
-        """Switch to ordering/connectivity ``k`` (0 ≤ k < num_masks); deterministic in (seed, k)."""
-        if not 0 <= k < self.num_masks:
-            raise ValueError(f"mask index should be in [0, {self.num_masks}), got {k}.")
-        if k == self.current_mask:
-            return
-        g = torch.Generator().manual_seed(self.seed * 104729 + k)
-        degrees = made_degrees(self.ordering(k), self.hidden, g)
-        masks = made_masks(degrees)
-        # every input/output dimension is repeated k_in / k_out times (one-hot / logits)
-        masks[0] = masks[0].repeat_interleave(self.k_in, dim=1)
-        masks[-1] = masks[-1].repeat_interleave(self.k_out, dim=0)
-        for layer, mask in zip([*self.layers, self.out], masks):
-            layer.mask.copy_(mask)
-        if self.direct is not None:
-            order = degrees[0]
-            direct = (order[:, None] > order[None, :]).float()
-            self.direct.mask.copy_(direct.repeat_interleave(self.k_out, 0).repeat_interleave(self.k_in, 1))
-        self.current_mask = k
+        """Switch to ordering/connectivity ``k`` (0 ≤ k < num_masks)."""
+        self.net.set_mask(k)
 
     # -- the network ---------------------------------------------------------------------
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,11 +242,7 @@ class MADE(GenerativeModel):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Conditional logits under the current mask: (N, D) for Bernoulli, (N, D, levels) otherwise."""
-        inp = self._inputs(x)
-        h = inp
-        for layer in self.layers:
-            h = F.dropout(F.relu(layer(h)), self.dropout, self.training)
-        out = self.out(h) + (self.direct(inp) if self.direct is not None else 0)
+        out = self.net(self._inputs(x))
         return out if self.levels == 2 else out.reshape(len(x), self.dim, self.levels)
 
     def _log_prob_current(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +277,7 @@ class MADE(GenerativeModel):
         check_positive_int(n, "n")
         was_training, keep = self.training, self.current_mask
         self.eval()
-        device = self.out.weight.device
+        device = self.net.out.weight.device
         members = torch.randint(self.num_masks, (n,)) if self.num_masks > 1 else torch.zeros(n, dtype=torch.long)
         out = torch.zeros(n, self.dim, dtype=torch.float32 if self.levels == 2 else torch.long, device=device)
         for k in members.unique().tolist():
@@ -577,13 +629,9 @@ def receptive_field(model: _PixelModel | MADE, pixel: tuple[int, int] | int, *, 
             if isinstance(model, MADE):
                 x = torch.randint(model.levels, (1, model.dim), generator=g)
                 inp = model._inputs(x).requires_grad_(True)
-                h = inp
-                for layer in model.layers:
-                    h = F.relu(layer(h))
-                out = model.out(h) + (model.direct(inp) if model.direct is not None else 0)
-                out = out.reshape(1, model.dim, model.k_out)[0, pixel].sum()
+                out = model.net(inp).reshape(1, model.dim, model.net.k_out)[0, pixel].sum()
                 (grad,) = torch.autograd.grad(out, inp)
-                hit = grad.reshape(model.dim, model.k_in).abs().sum(1) > 0
+                hit = grad.reshape(model.dim, model.net.k_in).abs().sum(1) > 0
             else:
                 c, hh, ww = model.image_shape
                 x = torch.randint(model.levels, (1, c, hh, ww), generator=g)

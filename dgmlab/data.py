@@ -46,6 +46,8 @@ __all__ = [
     "ToyDensity",
     "TOY_DENSITIES",
     "toy_density",
+    "ENERGIES",
+    "energy",
 ]
 
 DIGITS_SHAPE = (1, 8, 8)
@@ -324,3 +326,57 @@ def toy_density(name: str) -> ToyDensity:
     """One of the 2-D toy targets by name (see ``TOY_DENSITIES``)."""
     check_choice(name, "name", tuple(TOY_DENSITIES))
     return TOY_DENSITIES[name]()
+
+
+# ---------------------------------------------------------------------------
+# 2-D unnormalised targets (energies), for fitting flows by reverse KL
+# ---------------------------------------------------------------------------
+
+def _u_ring(z):
+    r = z.norm(dim=1)
+    return 0.5 * ((r - 2) / 0.4) ** 2 - torch.logaddexp(-0.5 * ((z[:, 0] - 2) / 0.6) ** 2,
+                                                        -0.5 * ((z[:, 0] + 2) / 0.6) ** 2)
+
+
+def _w1(z):
+    return torch.sin(2 * math.pi * z[:, 0] / 4)
+
+
+def _u_wave(z):
+    return 0.5 * ((z[:, 1] - _w1(z)) / 0.4) ** 2
+
+
+def _u_two_waves(z):
+    w2 = 3 * torch.exp(-0.5 * ((z[:, 0] - 1) / 0.6) ** 2)
+    return -torch.logaddexp(-0.5 * ((z[:, 1] - _w1(z)) / 0.35) ** 2,
+                            -0.5 * ((z[:, 1] - _w1(z) + w2) / 0.35) ** 2)
+
+
+def _u_step_wave(z):
+    w3 = 3 * torch.sigmoid((z[:, 0] - 1) / 0.3)
+    return -torch.logaddexp(-0.5 * ((z[:, 1] - _w1(z)) / 0.4) ** 2,
+                            -0.5 * ((z[:, 1] - _w1(z) + w3) / 0.35) ** 2)
+
+
+ENERGIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "ring": _u_ring,
+    "wave": _u_wave,
+    "two_waves": _u_two_waves,
+    "step_wave": _u_step_wave,
+}
+
+
+def energy(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One of the four 2-D energies U of Rezende & Mohamed (2015): π(z) ∝ exp(−U(z)).
+
+    Returns a function mapping points (N, 2) to energies (N,). The targets are
+    known only up to their normalising constant, the setting of reverse-KL
+    fitting, where samples of π are not available.
+    """
+    check_choice(name, "name", tuple(ENERGIES))
+    fn = ENERGIES[name]
+
+    def u(z: torch.Tensor) -> torch.Tensor:
+        return fn(check_tensor(z, "z", shape=(None, 2), kind="float"))
+
+    return u

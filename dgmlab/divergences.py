@@ -203,6 +203,9 @@ def f_divergence_grid(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.T
     ``log_pi`` and ``log_p`` hold log π and log p at the same grid points (any
     shape; ``-inf`` where a density is 0); ``cell`` is the volume of a grid
     cell (the spacing in 1-D, its square in 2-D). Riemann sum in float64.
+    Finite log-densities below −700 are raised to −700 (a density of about
+    1e−304): such points contribute nothing measurable, whereas letting them
+    underflow to an exact 0 could make a finite divergence look infinite.
     """
     g = generator(gen)
     log_pi = check_tensor(log_pi, "log_pi", kind="float").double()
@@ -212,6 +215,7 @@ def f_divergence_grid(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.T
     for name, lq in (("log_pi", log_pi), ("log_p", log_p)):
         if torch.isnan(lq).any() or (lq == math.inf).any():
             raise ValueError(f"{name} holds NaN or +inf: pass log-densities, with -inf where the density is 0.")
+    log_pi, log_p = (torch.where(torch.isfinite(lq), lq.clamp_min(-700.0), lq) for lq in (log_pi, log_p))
     return _pointwise(g, log_pi.exp(), log_p.exp()).sum() * cell
 
 
