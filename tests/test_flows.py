@@ -286,6 +286,27 @@ def test_actnorm_initialises_from_the_first_batch():
     assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=1e-3)
 
 
+def test_log_dets_stay_finite_in_float32_at_cifar_size():
+    """Log-determinants are sums of logs, never logs of products: at 3072 dimensions the determinant itself
+    (e.g. 256^-3072 for the scaling alone) is far outside float32, its logarithm is not."""
+    torch.manual_seed(8)
+    flow = F.realnvp_image((3, 32, 32), levels=256, scales=2, steps=1, hidden=8)
+    x = torch.randint(0, 256, (2, 3, 32, 32)).float() + torch.rand(2, 3, 32, 32)
+    x[0] = 255.99  # every pixel at the edge of the range: the Logit's derivative is at its largest
+    z, log_det = flow.transform(x)
+    assert z.dtype == log_det.dtype == torch.float32 and torch.isfinite(z).all() and torch.isfinite(log_det).all()
+    assert torch.isfinite(flow.log_prob(x)).all()
+    scale_only = F.Scale(1 / 256)(x)[1]
+    assert scale_only[0].item() == pytest.approx(-3072 * math.log(256), rel=1e-6)
+    assert torch.prod(torch.full((3072,), 1 / 256)).item() == 0.0  # the product underflows: why we sum logs
+    # the layers' log-dets add up to the composition's (float32 accumulation loses under 1e-5 relative)
+    total, h = torch.zeros(2, dtype=torch.float64), x
+    for layer in flow.transform.transforms:
+        h, part = layer(h)
+        total += part.double()
+    assert torch.allclose(total, log_det.double(), rtol=1e-5, atol=1e-2)
+
+
 def test_flows_refuse_bad_input():
     with pytest.raises(ValueError, match="even height"):
         F.Squeeze()(torch.zeros(1, 1, 5, 4))

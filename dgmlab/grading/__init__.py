@@ -15,19 +15,8 @@ from __future__ import annotations
 
 import importlib
 
-from .feedback import (
-    LOG_ENV,
-    Check,
-    CheckFailed,
-    CheckResult,
-    check,
-    expect_close,
-    expect_equal,
-    expect_function_matches,
-    expect_shape,
-    expect_true,
-    results,
-)
+from . import feedback as _feedback
+from .feedback import *  # noqa: F403 -- the checks, listed in feedback.__all__
 
 # Instructor tools pull in nbformat/nbclient, so they are imported lazily to
 # keep ``from dgmlab.grading import check`` fast in every student kernel.
@@ -44,19 +33,7 @@ _LAZY = {
     "grade": "grader",
 }
 
-__all__ = [  # what ``from dgmlab.grading import *`` gives a notebook: the checks only
-    "LOG_ENV",
-    "Check",
-    "CheckFailed",
-    "CheckResult",
-    "check",
-    "expect_close",
-    "expect_equal",
-    "expect_function_matches",
-    "expect_shape",
-    "expect_true",
-    "results",
-]
+__all__ = list(_feedback.__all__)  # ``from dgmlab.grading import *`` gives the checks only
 
 
 def __getattr__(name: str):
