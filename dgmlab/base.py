@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["GenerativeModel", "count_parameters"]
+__all__ = ["GenerativeModel", "count_parameters", "module_device"]
 
 
 class GenerativeModel(nn.Module):
@@ -46,11 +46,7 @@ class GenerativeModel(nn.Module):
     @property
     def device(self) -> torch.device:
         """The device of the model's first parameter or buffer (CPU if it has none)."""
-        for t in self.parameters():
-            return t.device
-        for t in self.buffers():
-            return t.device
-        return torch.device("cpu")
+        return module_device(self)
 
     def num_parameters(self) -> int:
         """Number of trainable scalars."""
@@ -60,3 +56,17 @@ class GenerativeModel(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable scalars of a module."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def module_device(module, default: torch.device | str = "cpu") -> torch.device:
+    """The device of ``module``'s first parameter or buffer; ``default`` if it has none.
+
+    Anything that is not an ``nn.Module`` (a plain object with ``log_prob``) gets
+    ``default`` too.
+    """
+    if isinstance(module, nn.Module):
+        for t in module.parameters():
+            return t.device
+        for t in module.buffers():
+            return t.device
+    return torch.device(default)

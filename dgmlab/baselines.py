@@ -120,7 +120,7 @@ class _FlatModel(GenerativeModel):
         self.m = math.prod(self.event_shape)
 
     def _flat(self, x: torch.Tensor, kind: str, max_value: int) -> torch.Tensor:
-        x = check_tensor(x, "x", kind=kind if kind != "binary" else None, min=0, max=max_value)
+        x = check_tensor(x, "x", kind=kind if kind != "binary" else None, min=0, max=max_value, whole=True)
         if x.dim() >= 2 and x[0].numel() == self.m:
             return x.reshape(len(x), self.m)
         raise ValueError(
@@ -257,8 +257,9 @@ class Histogram(_FlatModel):
         self.k = check_positive_int(k, "k")
         bins = k**self.m
         if bins > MAX_HISTOGRAM_BINS:
+            size = f"about 10^{self.m * math.log10(k):.0f}"  # k^m may be too large for a float
             raise ValueError(
-                f"A histogram over {self.m} variables with {k} values needs {k}^{self.m} = {bins:.3g} bins, "
+                f"A histogram over {self.m} variables with {k} values needs {k}^{self.m} = {size} bins, "
                 f"more than the {MAX_HISTOGRAM_BINS:,} allowed here: that is the curse of dimensionality. "
                 "Use fewer variables or a factorised model."
             )

@@ -27,8 +27,6 @@ __all__ = ["BENCHMARKS", "benchmark", "measure", "run", "main", "RESULTS_DIR"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
 BENCHMARKS: dict[str, tuple[Callable[[], list[dict]], str]] = {}
-COLUMNS = ("data", "model", "parameters", "train_s", "epoch_s", "nll_nats", "bits_per_dim", "density_ms",
-           "sample_ms")
 HEADERS = ("data", "model", "parameters", "training (s)", "s/epoch", "test NLL (nats)", "bits/dim",
            "density (ms/image)", "sampling (ms/image)")
 
@@ -42,7 +40,7 @@ def benchmark(name: str, description: str):
 
 
 def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor,
-            *, scale: float = 1.0, samples: int = 100) -> dict:
+            *, samples: int = 100) -> dict:
     """Fit a model (timed), score it on ``test`` and time ``sample``: one row of a table.
 
     ``fit()`` returns the model, or ``(model, history)`` for a model trained
@@ -56,7 +54,7 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor,
     model, history = fitted if isinstance(fitted, tuple) else (fitted, None)
     epoch_s = history.seconds[-1] / len(history) if history is not None and len(history) else None
     start = time.perf_counter()
-    nll = heldout_nll(model, test, scale=scale)
+    nll = heldout_nll(model, test)
     density_ms = 1000 * (time.perf_counter() - start) / len(test)
     start = time.perf_counter()
     with torch.no_grad():
@@ -139,7 +137,8 @@ def _baselines() -> list[dict]:
 DIGITS_BUDGET_S = 60.0  # the CPU training budget of each model on the digits
 
 
-def _fit_digits(model, train, val, *, epochs: int, budget: float, **settings):
+def _fit_timed(model, train, val, *, epochs: int, budget: float, **settings):
+    """Seeded training with a cosine schedule over ``epochs``, stopped after ``budget`` seconds."""
     from .train import cosine, fit
 
     torch.manual_seed(0)
@@ -156,23 +155,22 @@ def _autoregressive() -> list[dict]:
 
     xb, xb_val, xb_test = (data.digits(s, "binary", flatten=True).x for s in ("train", "val", "test"))
     xl, xl_val, xl_test = (data.digits(s, "levels").x for s in ("train", "val", "test"))
-    pixel = dict(A.DIGITS_PIXELCNN)
     rows = [
         measure("digits, binary", "independent pixels", lambda: B.IndependentBernoulli.from_data(xb, alpha=1.0),
                 xb_test),
-        measure("digits, binary", "MADE (500 units, 8 orderings)", lambda: _fit_digits(
+        measure("digits, binary", "MADE (500 units, 8 orderings)", lambda: _fit_timed(
             A.MADE(64, **A.DIGITS_MADE), xb, xb_val, epochs=1000, budget=DIGITS_BUDGET_S,
             **A.DIGITS_MADE_TRAINING), xb_test),
         measure("digits, 17 levels", "independent pixels",
                 lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test),
-        measure("digits, 17 levels", "PixelCNN (blind spot), categorical", lambda: _fit_digits(
+        measure("digits, 17 levels", "PixelCNN (blind spot), categorical", lambda: _fit_timed(
             A.PixelCNN((1, 8, 8), levels=17, channels=48, layers=4, kernel=3, first_kernel=7), xl, xl_val,
             epochs=40, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
-        measure("digits, 17 levels", "gated PixelCNN, categorical", lambda: _fit_digits(
-            A.GatedPixelCNN((1, 8, 8), levels=17, **{**pixel, "output": "categorical"}), xl, xl_val,
+        measure("digits, 17 levels", "gated PixelCNN, categorical", lambda: _fit_timed(
+            A.GatedPixelCNN((1, 8, 8), levels=17, **{**A.DIGITS_PIXELCNN, "output": "categorical"}), xl, xl_val,
             epochs=30, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
-        measure("digits, 17 levels", "gated PixelCNN, logistic mixture", lambda: _fit_digits(
-            A.GatedPixelCNN((1, 8, 8), levels=17, **pixel), xl, xl_val,
+        measure("digits, 17 levels", "gated PixelCNN, logistic mixture", lambda: _fit_timed(
+            A.GatedPixelCNN((1, 8, 8), levels=17, **A.DIGITS_PIXELCNN), xl, xl_val,
             epochs=30, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
     ]
     return rows
@@ -183,21 +181,15 @@ def _autoregressive_mnist() -> list[dict]:
     from . import autoregressive as A
     from . import baselines as B
     from . import datasets
-    from .train import cosine, fit
 
     train_x, val_x, test_x = (datasets.binarized_mnist(s, download=False).reshape(-1, 784)
                               for s in ("train", "val", "test"))
 
-    def fit_made():
-        torch.manual_seed(0)
-        made = A.MADE(784, **A.MNIST_MADE)
-        history = fit(made, train_x, val_x, epochs=60, batch_size=100, lr=1e-3, scheduler=cosine(60),
-                      max_seconds=360, progress=False)
-        return made, history
-
     return [measure("MNIST, binarized", "independent pixels",
                     lambda: B.IndependentBernoulli.from_data(train_x, alpha=1.0), test_x),
-            measure("MNIST, binarized", "MADE (1000 units), 6 min", fit_made, test_x, samples=20)]
+            measure("MNIST, binarized", "MADE (1000 units), 6 min", lambda: _fit_timed(
+                A.MADE(784, **A.MNIST_MADE), train_x, val_x, budget=360, **A.MNIST_MADE_TRAINING), test_x,
+                samples=20)]
 
 
 @benchmark("flows", "MAF and RealNVP on the 17-level digits, 60 s of CPU training each, two dequantizations")
@@ -213,13 +205,13 @@ def _flows() -> list[dict]:
         flow = F.maf_flow(64, levels=17, **F.DIGITS_MAF)
         model = (F.VariationalDequantization(flow, F.dequantization_noise(64, **F.DIGITS_NOISE), 17)
                  if variational else F.UniformDequantization(flow, 17))
-        return _fit_digits(model, flat[0], flat[1], epochs=80, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
+        return _fit_timed(model, flat[0], flat[1], epochs=80, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
 
     def realnvp(variational: bool):
         flow = F.realnvp_image((1, 8, 8), levels=17, **F.DIGITS_REALNVP)
         model = (F.VariationalDequantization(flow, F.dequantization_noise(64, **F.DIGITS_NOISE), 17)
                  if variational else F.UniformDequantization(flow, 17))
-        return _fit_digits(model, xl, xl_val, epochs=60, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
+        return _fit_timed(model, xl, xl_val, epochs=60, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
 
     torch.manual_seed(0)
     return [
@@ -242,9 +234,14 @@ def main(argv=None) -> int:
         for name, (_, description) in BENCHMARKS.items():
             print(f"{name:<12} {description}")
         return 0
-    try:
+    if args.name not in BENCHMARKS:
+        print(f"error: unknown benchmark {args.name!r}; choose one of {sorted(BENCHMARKS)}.", file=sys.stderr)
+        return 2
+    from .datasets import CorruptDataError, DataNotFoundError
+
+    try:  # missing or corrupt data files get their message; any other error keeps its traceback
         run(args.name, None if args.no_save else Path(args.out))
-    except ValueError as err:
+    except (DataNotFoundError, CorruptDataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -328,7 +328,7 @@ def download(
 def _progress_bar(enabled: bool, total: int | None, desc: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm  # imported lazily: only downloads need it
+    from tqdm.std import tqdm  # the text bar, as in train.py; imported lazily
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
 
@@ -989,8 +989,8 @@ def binarized_mnist(split: str = "train", root: str | os.PathLike | None = None,
     """
     from .data import bernoulli_binarize
 
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split should be 'train', 'val' or 'test', got {split!r}.")
+    check_choice(split, "split", ("train", "val", "test"))
+    validation = check_positive_int(validation, "validation")  # checked for "test" too
     images, _ = load_mnist("test" if split == "test" else "train", root=root, download=download)
     binary = bernoulli_binarize(images, seed=1 if split == "test" else 0)
     if split == "test":

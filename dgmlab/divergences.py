@@ -9,10 +9,11 @@ D_f ≥ f(E_p[π/p]) = f(1) = 0). The generators of the lecture's table are in
 :data:`GENERATORS`, each with its closed form written out independently, so
 the two can be checked against each other.
 
-Where one density vanishes, ``p f(π/p)`` is read as its limit: f(0⁺) where π
-is 0, and π · lim_{u→∞} f(u)/u where p is 0. An infinite limit makes the
-divergence ``inf`` (never NaN): KL(π ‖ p) is infinite as soon as π puts mass
-where p has none.
+Where one density vanishes, ``p f(π/p)`` is read as its limit: p · f(0⁺) where
+π is 0, and π · lim_{u→∞} f(u)/u where p is 0 -- also where π/p underflows to 0
+or overflows float64 (p subnormal), so that tiny densities behave like zero
+ones. An infinite limit makes the divergence ``inf`` (never NaN): KL(π ‖ p) is
+infinite as soon as π puts mass where p has none.
 
 Three ways to evaluate D_f: between discrete distributions
 (:func:`f_divergence`), between densities on a grid (:func:`f_divergence_grid`)
@@ -75,14 +76,10 @@ class Generator:
         return self.f(torch.as_tensor(u, dtype=torch.float64))
 
 
-def _xlogy(x, y):
-    return torch.special.xlogy(x, y)
-
-
 GENERATORS: dict[str, Generator] = {
     g.name: g
     for g in (
-        Generator("kl", "Kullback–Leibler", lambda u: _xlogy(u, u), 0.0, math.inf,
+        Generator("kl", "Kullback–Leibler", lambda u: torch.special.xlogy(u, u), 0.0, math.inf,
                   r"u \log u", r"\int \pi \log \frac{\pi}{p}"),
         Generator("reverse_kl", "reverse KL", lambda u: -torch.log(u), math.inf, 0.0,
                   r"-\log u", r"\int p \log \frac{p}{\pi}"),
@@ -93,10 +90,12 @@ GENERATORS: dict[str, Generator] = {
         # The ½ makes D_f the Jensen–Shannon divergence itself; without it (as
         # in some tables) the same formula gives 2·JSD.
         Generator("js", "Jensen–Shannon",
-                  lambda u: 0.5 * (_xlogy(u, u) - (u + 1) * torch.log((u + 1) / 2)), LOG2 / 2, LOG2 / 2,
+                  lambda u: 0.5 * (torch.special.xlogy(u, u) - (u + 1) * torch.log((u + 1) / 2)), LOG2 / 2, LOG2 / 2,
                   r"\tfrac12\left[u \log u - (u + 1) \log \tfrac{u + 1}{2}\right]",
                   r"\tfrac12 \int \pi \log \frac{2\pi}{\pi + p} + p \log \frac{2p}{\pi + p}"),
-        Generator("gan", "GAN", lambda u: _xlogy(u, u) - (u + 1) * torch.log(u + 1), 0.0, 0.0,
+        # u log u − (u + 1) log(u + 1) rewritten as −u log(1 + 1/u) − log(1 + u): the
+        # same f, but without the cancellation that ruins it for large u.
+        Generator("gan", "GAN", lambda u: -torch.special.xlog1py(u, 1 / u) - torch.log1p(u), 0.0, 0.0,
                   r"u \log u - (u + 1) \log (u + 1)",
                   r"\int \pi \log \frac{2\pi}{\pi + p} + p \log \frac{2p}{\pi + p} - \log 4",
                   offset=-2 * LOG2),
@@ -113,7 +112,7 @@ def generator(name: str | Generator) -> Generator:
 
 
 # ----------------------------------------------------------------------------- discrete
-def _check_pair(pi, p, atol: float = 1e-6):
+def _check_pair(pi, p):
     pi = check_tensor(pi, "pi", kind="float", finite=True).double()
     p = check_tensor(p, "p", kind="float", finite=True).double()
     if pi.shape != p.shape:
@@ -125,7 +124,7 @@ def _check_pair(pi, p, atol: float = 1e-6):
         if (q < 0).any():
             raise ValueError(f"{name} has negative probabilities (smallest {q.min().item():g}).")
         total = q.sum(-1)
-        if not torch.allclose(total, torch.ones_like(total), atol=atol, rtol=0):
+        if not torch.allclose(total, torch.ones_like(total), atol=1e-6, rtol=0):
             raise ValueError(
                 f"{name} should sum to 1 over its last axis, but sums to "
                 f"{total.flatten()[0].item():.6g}. Normalise it first."
@@ -136,13 +135,15 @@ def _check_pair(pi, p, atol: float = 1e-6):
 def _pointwise(g: Generator, pi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """p · f(π/p) at every point, with the limits where π or p vanish (float64)."""
     both = (p > 0) & (pi > 0)
-    ratio = torch.where(both, pi / torch.where(p > 0, p, 1.0), 1.0)
-    out = torch.where(both, p * g.f(ratio), torch.zeros_like(p))
-    only_p = (p > 0) & (pi == 0)
-    out = torch.where(only_p, p * g.f0, out)  # π = 0: p · f(0⁺)
-    only_pi = (p == 0) & (pi > 0)
-    # p = 0: lim_{p→0} p f(π/p) = π · lim_{u→∞} f(u)/u (inf·π stays inf, never NaN)
-    return torch.where(only_pi, pi * g.slope_at_infinity, out)
+    ratio = torch.where(both, pi / torch.where(both, p, 1.0), 1.0)
+    value = g.f(ratio)
+    out = torch.where(both, p * value, torch.zeros_like(p))
+    # π = 0, or π/p underflows to 0: p · f(0⁺)
+    out = torch.where((p > 0) & ((pi == 0) | (ratio == 0)), p * g.f0, out)
+    # p = 0, or π/p (or f(π/p)) overflows: lim_{p→0} p f(π/p) = π · lim_{u→∞} f(u)/u
+    # (inf·π stays inf, never NaN)
+    overflow = both & (ratio > 1) & ~torch.isfinite(value)
+    return torch.where(((p == 0) & (pi > 0)) | overflow, pi * g.slope_at_infinity, out)
 
 
 def f_divergence(gen: str | Generator, pi, p) -> torch.Tensor:
@@ -166,7 +167,7 @@ def closed_form(gen: str | Generator, pi, p) -> torch.Tensor:
     m = (pi + p) / 2
 
     def kl(a, b):  # Σ a log(a/b), with 0 log 0 = 0 and a log(a/0) = inf
-        terms = torch.where(a > 0, _xlogy(a, a) - _xlogy(a, b), torch.zeros_like(a))
+        terms = torch.where(a > 0, torch.special.xlogy(a, a) - torch.special.xlogy(a, b), torch.zeros_like(a))
         return terms.sum(-1)
 
     if g.name == "kl":
@@ -221,7 +222,13 @@ def f_divergence_grid(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.T
 
 # ---------------------------------------------------------------------------- Monte Carlo
 def mc_f_divergence(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.Tensor) -> MCEstimate:
-    """Monte-Carlo D_f(π ‖ p) = E_p f(π/p) from samples x_i ~ p: pass log π(x_i) and log p(x_i), shape (n,)."""
+    """Monte-Carlo D_f(π ‖ p) = E_p f(π/p) from samples x_i ~ p: pass log π(x_i) and log p(x_i), shape (n,).
+
+    Where π/p underflows to 0, f(π/p) is read as f(0⁺); where it overflows
+    (log π − log p above ~709) and f cannot be evaluated there, as lim_{u→∞} f(u):
+    ±inf by the sign of ``slope_at_infinity``, and −inf when that slope is 0
+    (such a convex f never increases; reverse KL and GAN tend to −inf). Never NaN.
+    """
     g = generator(gen)
     log_pi = check_tensor(log_pi, "log_pi", ndim=1, kind="float").double()
     log_p = check_tensor(log_p, "log_p", shape=(len(log_pi),), kind="float").double()
@@ -230,7 +237,9 @@ def mc_f_divergence(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.Ten
     ratio = torch.exp(log_pi - log_p)
     values = torch.where(ratio > 0, g.f(torch.where(ratio > 0, ratio, 1.0)),
                          torch.full_like(ratio, g.f0))
-    return mc_estimate(values)
+    limit = math.copysign(math.inf, g.slope_at_infinity) if g.slope_at_infinity else -math.inf
+    values = torch.where((ratio > 1) & torch.isnan(values), limit, values)
+    return _mc_estimate(values)
 
 
 def mc_kl(log_pi: torch.Tensor, log_p: torch.Tensor) -> MCEstimate:
@@ -239,7 +248,13 @@ def mc_kl(log_pi: torch.Tensor, log_p: torch.Tensor) -> MCEstimate:
     log_p = check_tensor(log_p, "log_p", shape=(len(log_pi),), kind="float").double()
     if not torch.isfinite(log_pi).all():
         raise ValueError("log_pi must be finite: the samples x_i are drawn from π, so π(x_i) > 0.")
-    return mc_estimate(log_pi - log_p)  # −inf in log_p gives an infinite estimate, as it should
+    return _mc_estimate(log_pi - log_p)  # −inf in log_p gives an infinite estimate, as it should
+
+
+def _mc_estimate(values: torch.Tensor) -> MCEstimate:
+    """:func:`mc_estimate`, with an infinite error bar (not NaN) when the mean is infinite."""
+    est = mc_estimate(values)
+    return est._replace(stderr=math.inf) if math.isinf(est.mean) else est
 
 
 # ---------------------------------------------------------------------------- Gaussians
@@ -302,8 +317,8 @@ def fit_gaussian_1d(
     numerically (L-BFGS on (μ, log σ), integrals on the grid), from several
     starting means (``starts``, default: the target's main modes and its mean)
     because the reverse objective can have one local minimum per mode; the best
-    is returned. ``log_target`` maps a float64 grid (n,) to log π (need not be
-    normalised for the reverse direction; it is normalised on the grid).
+    is returned. ``log_target`` maps a float64 grid (n,) to log π; it need not be
+    normalised (it is normalised on the grid, for both directions).
     """
     check_choice(direction, "direction", ("forward", "reverse"))
     x, dx = grid_1d(lo, hi, n)

@@ -17,7 +17,7 @@ model API.
 Transforms: :class:`Planar`, :class:`AffineCoupling` (vector, checkerboard
 and channel masks), :class:`Squeeze`, :class:`ActNorm`,
 :class:`Invertible1x1Conv`, :class:`MAF` and :class:`IAF` (on MADE's masked
-network), the elementwise :class:`Logit`, :class:`Sigmoid`, :class:`Scale`,
+network), the elementwise :class:`Logit` and :class:`Scale`,
 and :class:`MultiScale` (RealNVP/Glow-style factoring out). For discrete data:
 :class:`UniformDequantization`, :class:`VariationalDequantization` and the
 CDF-discretised :class:`DiscretizedLogistic`.
@@ -40,7 +40,7 @@ __all__ = [
     "Transform", "Compose", "InverseTransform", "Flow",
     "Planar", "AffineCoupling", "coupling_mlp", "coupling_cnn", "checkerboard_mask", "channel_mask",
     "alternating_mask", "Squeeze", "ActNorm", "Invertible1x1Conv", "MAF", "IAF",
-    "Logit", "Sigmoid", "Scale", "MultiScale", "glow_step",
+    "Logit", "Scale", "MultiScale", "glow_step",
     "UniformDequantization", "VariationalDequantization", "dequantization_noise", "DiscretizedLogistic",
     "realnvp_2d", "maf_flow", "realnvp_image", "planar_flow",
     "DIGITS_MAF", "DIGITS_REALNVP", "DIGITS_NOISE", "DIGITS_FLOW_TRAINING",
@@ -48,9 +48,9 @@ __all__ = [
 
 LOG_2PI = math.log(2 * math.pi)
 
-# Settings for the 17-level digits, chosen on the validation images, shared by the
-# lecture notebook and the benchmark (python -m dgmlab.bench flows). Dropout in the
-# MADE networks is what keeps the MAF from memorising 1,199 images.
+# Settings for the 17-level digits, chosen on the validation images: RealNVP's are shared
+# by the lecture notebook and the benchmark (python -m dgmlab.bench flows), MAF's are the
+# benchmark's. Dropout in the MADE networks is what keeps the MAF from memorising 1,199 images.
 DIGITS_MAF = dict(layers=5, hidden=(128,), dropout=0.2)
 DIGITS_REALNVP = dict(scales=2, steps=4, hidden=32)
 DIGITS_NOISE = dict(layers=4, hidden=64)
@@ -139,13 +139,23 @@ class Flow(GenerativeModel):
             raise ValueError(f"{name} should have shape (N, {shape}), got {tuple(x.shape)}.")
         return x
 
+    def _context(self, context: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        if not self.context_dim:
+            if context is not None:
+                raise ValueError("this flow is not conditional: call it without a context.")
+            return None
+        if context is None:
+            raise ValueError(f"this flow is conditional: pass a context of shape ({n}, {self.context_dim}).")
+        return check_tensor(context, "context", shape=(n, self.context_dim), kind="float")
+
     def base_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I), summed per object: (N,)."""
         return _flat_sum(-0.5 * z**2) - 0.5 * self.dim * LOG_2PI
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) = log p(z) + log|det ∂z/∂x|, exact, in nats: shape (N,)."""
-        z, log_det = self.transform(self._check(x), context)
+        x = self._check(x)
+        z, log_det = self.transform(x, self._context(context, len(x)))
         return self.base_log_prob(z) + log_det
 
     def loss(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,13 +163,11 @@ class Flow(GenerativeModel):
 
     def _noise(self, n: int) -> torch.Tensor:
         check_positive_int(n, "n")
-        p = next(self.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-        return torch.randn(n, *self.event_shape, device=device)
+        return torch.randn(n, *self.event_shape, device=self.device)
 
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """x = f⁻¹(z) for z ~ N(0, I): shape (n, *event_shape)."""
-        x, _ = self.transform.inverse(self._noise(n), context)
+        x, _ = self.transform.inverse(self._noise(n), self._context(context, n))
         return x
 
     def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None):
@@ -168,7 +176,7 @@ class Flow(GenerativeModel):
         log q(x) = log p(z) − log|det ∂x/∂z|: no inverse pass is needed.
         """
         z = self._noise(n)
-        x, log_det = self.transform.inverse(z, context)
+        x, log_det = self.transform.inverse(z, self._context(context, n))
         return x, self.base_log_prob(z) - log_det
 
 
@@ -180,7 +188,7 @@ class Planar(Transform):
     û = u + (m(wᵀu) − wᵀu)·w/‖w‖² with m(a) = −1 + softplus(a), which
     guarantees it. log|det| = log|1 + ûᵀψ|, ψ = tanh'(wᵀx + b)·w (the matrix
     determinant lemma). The inverse solves a scalar equation for wᵀx by
-    bisection (it is monotone), to float64 precision.
+    bisection (it is monotone), to float64 precision, and is differentiable.
     ``constrain=False`` uses u as it is, and may not be invertible.
     """
 
@@ -209,20 +217,28 @@ class Planar(Transform):
 
     def inverse(self, y, context=None):
         y = check_tensor(y, "y", shape=(None, self.dim), kind="float")
-        u = self.u_hat.detach().double()
-        w, b = self.w.detach().double(), self.b.detach().double()
-        wu = (w @ u).item()
-        if wu < -1:
-            raise ValueError("this planar flow is not invertible (wᵀû < −1): build it with constrain=True.")
-        # wᵀx = α solves α + wᵀû·tanh(α + b) = wᵀy: monotone in α, bracketed within |wᵀû| of wᵀy
-        target = y.double() @ w
-        lo, hi = target - abs(wu) - 1, target + abs(wu) + 1
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            too_big = mid + wu * torch.tanh(mid + b) > target
-            hi, lo = torch.where(too_big, mid, hi), torch.where(too_big, lo, mid)
-        alpha = (lo + hi) / 2
-        x = (y.double() - u * torch.tanh(alpha + b)[:, None]).to(y.dtype)
+        with torch.no_grad():  # bisection for the value; the gradients come from the Newton step below
+            u = self.u_hat.double()
+            w, b = self.w.double(), self.b.double()
+            wu = (w @ u).item()
+            if wu < -1:
+                raise ValueError("this planar flow is not invertible (wᵀû < −1): build it with constrain=True.")
+            # wᵀx = α solves α + wᵀû·tanh(α + b) = wᵀy: monotone in α, bracketed within |wᵀû| of wᵀy
+            target = y.double() @ w
+            lo, hi = target - abs(wu) - 1, target + abs(wu) + 1
+            for _ in range(100):
+                mid = (lo + hi) / 2
+                too_big = mid + wu * torch.tanh(mid + b) > target
+                hi, lo = torch.where(too_big, mid, hi), torch.where(too_big, lo, mid)
+            alpha = (lo + hi) / 2
+        # One Newton step with the live parameters and y: it leaves the value where bisection
+        # put it but gives α the right gradients (the implicit function theorem), for both
+        # x and the parameters, so log_prob of a planar flow can be trained through.
+        u, w, b, yd = self.u_hat.double(), self.w.double(), self.b.double(), y.double()
+        wu = w @ u
+        g = alpha + wu * torch.tanh(alpha + b) - yd @ w
+        alpha = alpha - g / (1 + wu * (1 - torch.tanh(alpha + b) ** 2))
+        x = (yd - u * torch.tanh(alpha + b)[:, None]).to(y.dtype)
         _, log_det = self.forward(x)
         return x, -log_det
 
@@ -425,13 +441,13 @@ class MAF(_AutoregressiveAffine):
 
     def inverse(self, z, context=None):
         z = self._check(z, "z")
-        x = torch.zeros_like(z)
+        x, log_det = torch.zeros_like(z), z.new_zeros(len(z))
         for j in self.sequence:  # x_j needs x_<j: one pass per dimension
             mu, alpha = self._params(x, context)
             x = x.clone()
             x[:, j] = z[:, j] * torch.exp(alpha[:, j]) + mu[:, j]
-        _, alpha = self._params(x, context)
-        return x, alpha.sum(1)
+            log_det = log_det + alpha[:, j]  # the α_j that produced x_j
+        return x, log_det
 
 
 class IAF(_AutoregressiveAffine):
@@ -443,13 +459,13 @@ class IAF(_AutoregressiveAffine):
 
     def forward(self, x, context=None):
         x = self._check(x, "x")
-        z = torch.zeros_like(x)
+        z, log_det = torch.zeros_like(x), x.new_zeros(len(x))
         for j in self.sequence:  # z_j needs z_<j: one pass per dimension
             mu, alpha = self._params(z, context)
             z = z.clone()
             z[:, j] = (x[:, j] - mu[:, j]) * torch.exp(-alpha[:, j])
-        _, alpha = self._params(z, context)
-        return z, -alpha.sum(1)
+            log_det = log_det - alpha[:, j]  # the α_j that produced z_j
+        return z, log_det
 
     def inverse(self, z, context=None):
         z = self._check(z, "z")
@@ -490,7 +506,9 @@ class Logit(Transform):
     def forward(self, x, context=None):
         s = self.alpha + (1 - 2 * self.alpha) * x
         if ((s <= 0) | (s >= 1)).any():
-            raise ValueError("Logit's input should lie in (0, 1) (after the alpha squeeze).")
+            raise ValueError(f"Logit expects values in [0, 1] (in (0, 1) when alpha = 0), got values in "
+                             f"[{x.min().item():.4g}, {x.max().item():.4g}]. Scale the data first, "
+                             "e.g. with Scale(1 / levels) for dequantized levels.")
         log_det = math.log(1 - 2 * self.alpha) - torch.log(s) - torch.log1p(-s)
         return torch.log(s) - torch.log1p(-s), _flat_sum(log_det)
 
@@ -499,20 +517,6 @@ class Logit(Transform):
         x = (s - self.alpha) / (1 - 2 * self.alpha)
         log_det = -math.log(1 - 2 * self.alpha) + F.logsigmoid(z) + F.logsigmoid(-z)
         return x, _flat_sum(log_det)
-
-
-class Sigmoid(Transform):
-    """From the real line to (0, 1): the inverse of :class:`Logit` with α = 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.logit = Logit(0.0)
-
-    def forward(self, x, context=None):
-        return self.logit.inverse(x)
-
-    def inverse(self, z, context=None):
-        return self.logit(z)
 
 
 # ================================================================= multi-scale
@@ -674,7 +678,7 @@ class DiscretizedLogistic(GenerativeModel):
 
     def sample(self, n: int) -> torch.Tensor:
         check_positive_int(n, "n")
-        u = torch.rand(n, *self.event_shape).clamp(1e-6, 1 - 1e-6)
+        u = torch.rand(n, *self.event_shape, device=self.device).clamp(1e-6, 1 - 1e-6)
         v = self.loc + self.log_scale.exp() * (torch.log(u) - torch.log1p(-u))
         return v.round().clamp(0, self.levels - 1).long()
 

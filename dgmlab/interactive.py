@@ -2,7 +2,7 @@
 
 A figure with sliders is an ipywidgets control in live Jupyter, but a static
 book page has no kernel: its widget snapshot would ignore the reader. So
-:func:`figure` returns an object that shows, depending on where it is displayed,
+``figure(draw, controls)`` (an :class:`InteractiveFigure`) shows, depending on where it is displayed,
 
 * live (IPython kernel + ipywidgets): one ``SelectionSlider`` per control over
   an ``Output`` that shows the redrawn figure;
@@ -67,16 +67,7 @@ Value = int | float | str | bool
 Draw = Callable[..., Any]
 
 
-def figure(
-    draw: Draw,
-    controls: Mapping[str, Sequence[Value]],
-    *,
-    labels: Mapping[str, str] | None = None,
-    figsize: tuple[float, float] | None = None,
-    dpi: int = 80,
-    initial: Mapping[str, Value] | None = None,
-    alt: str | None = None,
-) -> InteractiveFigure:
+class InteractiveFigure:
     """An interactive figure: ``draw(fig, **values)`` over every combination of ``controls``.
 
     ``controls`` maps each parameter name (a keyword ``draw`` accepts) to the
@@ -98,13 +89,6 @@ def figure(
     in a kernel renders them too, because the executed notebook must carry
     the static version for the book; the live sliders then reuse them and
     respond at once. ``display(fig.widget())`` shows the live control alone.
-    """
-    return InteractiveFigure(draw, controls, labels=labels, figsize=figsize, dpi=dpi,
-                             initial=initial, alt=alt)
-
-
-class InteractiveFigure:
-    """A figure with one slider per control; see :func:`figure`.
 
     ``frames`` maps each value tuple (in the order of ``names``) to PNG bytes;
     ``html()`` is the static, self-contained version; ``widget()`` the live
@@ -333,6 +317,10 @@ class InteractiveFigure:
         shape = " × ".join(str(len(v)) for v in self.values.values())
         return (f"<interactive figure: {', '.join(self.names)}; {self.n_frames} frames ({shape}); "
                 f"showing {self._describe(self.initial)}>")
+
+
+figure = InteractiveFigure
+"""``interactive.figure(draw, controls, ...)``: the name the notebooks use."""
 
 
 # ---------------------------------------------------------------------- checks

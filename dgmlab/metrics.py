@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from .base import module_device
 from .validate import check_positive_int, check_tensor
 
 __all__ = ["nats_to_bpd", "bpd_to_nats", "NLL", "heldout_nll"]
@@ -73,7 +74,7 @@ def heldout_nll(model, x: torch.Tensor, *, batch_size: int = 512, scale: float =
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    device = getattr(model, "device", torch.device("cpu"))
+    device = module_device(model)  # where its first parameter lives
     try:
         parts = [model.log_prob(x[i : i + batch_size].to(device)).double().cpu()
                  for i in range(0, len(x), batch_size)]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Mode", "current", "is_full", "device", "full_size", "config", "is_smoke",
+__all__ = ["Mode", "current", "device", "full_size", "config", "is_smoke",
            "FULL_ENV", "DEVICE_ENV", "SMOKE_ENV"]
 
 FULL_ENV = "DGMLAB_FULL"
@@ -48,7 +48,7 @@ class Mode:
         return "full" if self.full else "fast"
 
 
-def best_device() -> torch.device:
+def _best_device() -> torch.device:
     """The fastest available device: CUDA, then Apple's MPS, then the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -81,13 +81,8 @@ def current() -> Mode:
     else:
         # Fast mode stays on the CPU: the models are tiny, and CPU results are
         # the ones stored in the notebooks.
-        device = best_device() if full else torch.device("cpu")
+        device = _best_device() if full else torch.device("cpu")
     return Mode(full=full, device=device, reason=reason)
-
-
-def is_full() -> bool:
-    """True in full mode."""
-    return current().full
 
 
 def device() -> torch.device:

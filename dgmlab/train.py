@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_co
 from tqdm.std import tqdm  # the text bar: notebooks are rendered statically
 
 from dgmlab import modes
+from dgmlab.base import count_parameters, module_device
 from dgmlab.files import atomic_open
 from dgmlab.validate import as_tensor, check_choice, check_positive_int
 
@@ -49,7 +50,8 @@ class History:
     ``seconds`` is the cumulative training time (it carries on across resumes),
     ``lr`` the learning rate used during each epoch, ``val_loss`` is empty when
     there is no validation data. ``stop_reason`` is ``"epochs"``, ``"patience"``
-    (early stopping) or ``"max_seconds"`` once ``completed``.
+    (early stopping) or ``"max_seconds"`` once ``completed``; only the last can
+    be continued, by calling ``fit`` again with a larger ``max_seconds``.
     """
 
     epoch: list[int] = field(default_factory=list)
@@ -229,9 +231,13 @@ def _differences(saved: dict, now: dict) -> list[str]:
             continue
         if key == "tensors":
             sa, sb = dict(map(tuple, a or [])), dict(map(tuple, b or []))
-            name = next(n for n in [*sa, *sb] if sa.get(n) != sb.get(n))
-            out.append(f"model tensor {name!r} has shape {sa.get(name)} in the checkpoint, "
-                       f"{sb.get(name)} now (None: absent)")
+            name = next((n for n in [*sa, *sb] if sa.get(n) != sb.get(n)), None)
+            if name is None:  # same names and shapes: the optimiser state would be misassigned
+                out.append("the model's tensors come in a different order than in the "
+                           f"checkpoint ({list(sa)[:4]}... then, {list(sb)[:4]}... now)")
+            else:
+                out.append(f"model tensor {name!r} has shape {sa.get(name)} in the checkpoint, "
+                           f"{sb.get(name)} now (None: absent)")
         else:
             out.append(f"{key} is {a!r} in the checkpoint, {b!r} now")
     return out
@@ -292,15 +298,20 @@ def fit(
 
     Reproducible: a fresh run seeds the global torch RNG with ``seed`` (models may
     draw noise from it) and a private generator for the shuffling. ``device="auto"``
-    is :func:`dgmlab.modes.device`; the model stays there, in eval mode.
+    trains where the model is (a new model: on the CPU, which is what the lecture's
+    small models want in every mode); :func:`fit_and_evaluate`, the full-size
+    recipe, defaults to :func:`dgmlab.modes.device` instead (the GPU in full mode).
+    The model stays on its device afterwards, in eval mode.
     ``amp="auto"`` is mixed precision on CUDA only; ``amp=True`` also on the CPU.
     ``clip_grad_norm`` bounds the global gradient norm; ``max_seconds`` is a time
     budget, checked between batches (``History.stop_reason`` says what ended the run).
 
     ``checkpoint="run.pt"`` saves every ``checkpoint_every`` epochs and at the end;
     calling ``fit`` again the same way continues from it bit for bit (a finished
-    run returns at once). On Ctrl-C the KeyboardInterrupt is re-raised with a
-    note saying how to resume; the last checkpoint stays intact.
+    run returns at once). A run stopped by ``max_seconds`` is not finished: called
+    with a larger budget (or None) it trains on; with the same one it returns at
+    once. On Ctrl-C the KeyboardInterrupt is re-raised with a note saying how to
+    resume; the last checkpoint stays intact.
     """
     # -- check everything before the first (possibly long) epoch
     _check_model(model)
@@ -331,7 +342,7 @@ def fit(
     for cb in callbacks:
         if not callable(cb):
             raise TypeError(f"callbacks should be functions cb(epoch, history, model); got {cb!r}.")
-    device = _resolve_device(device)
+    device = module_device(model) if device == "auto" else _resolve_device(device)
     amp_dtype = _amp_dtype(amp, device)
     checkpoint = None if checkpoint is None else os.fspath(checkpoint)
     if checkpoint is not None:  # fail now, not after the first epoch
@@ -363,7 +374,12 @@ def fit(
             _set_rng_state(state["rng"], shuffler)
             history = History.from_dict(state["history"])
             history.resumed_from = last_saved = state["epoch"]
-            if state["finished"]:
+            best_state = state["early_stopping"]["best_state"]
+            out_of_time = history.stop_reason == "max_seconds" and (
+                max_seconds is not None and max_seconds <= history.seconds[-1])
+            if state["finished"] or out_of_time:
+                if restore_best and best_state is not None:  # as the stopped run returned it
+                    model.load_state_dict(best_state)
                 model.eval()
                 return history
             opt.load_state_dict(state["optimizer"])
@@ -372,7 +388,8 @@ def fit(
             if scaler is not None and state["scaler"] is not None:
                 scaler.load_state_dict(state["scaler"])
             bad_epochs = state["early_stopping"]["bad_epochs"]
-            best_state = state["early_stopping"]["best_state"]
+            if history.stop_reason == "max_seconds":  # more time now: carry on
+                history.completed, history.stop_reason = False, ""
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(
                 f"The checkpoint {checkpoint} could not be restored ({type(err).__name__}: "
@@ -435,15 +452,18 @@ def fit(
             if patience is not None and bad_epochs >= patience:
                 stop_reason, history.stopped_early = "patience", True
             stop_reason = stop_reason or ("epochs" if epoch == epochs else "")
+            # Out of epochs or patience is final; out of time is not, unless no epoch is left:
+            # its checkpoint keeps the last weights and best_state, for a larger budget.
+            final = bool(stop_reason) and (stop_reason != "max_seconds" or epoch == epochs)
             if stop_reason:
-                if restore_best and best_state is not None:
-                    model.load_state_dict(best_state)
                 history.completed, history.stop_reason = True, stop_reason
+            if final and restore_best and best_state is not None:
+                model.load_state_dict(best_state)
             if checkpoint is not None and (stop_reason or epoch % checkpoint_every == 0):
                 save_checkpoint({
                     "format": FORMAT,
                     "epoch": epoch,
-                    "finished": bool(stop_reason),
+                    "finished": final,
                     "fingerprint": fingerprint,
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -453,10 +473,12 @@ def fit(
                     "history": history.to_dict(),
                     "early_stopping": {"best_val_loss": history.best_val_loss,
                                        "bad_epochs": bad_epochs,
-                                       "best_state": None if stop_reason else best_state},
+                                       "best_state": None if final else best_state},
                 }, checkpoint)
                 last_saved = epoch
             if stop_reason:
+                if not final and restore_best and best_state is not None:
+                    model.load_state_dict(best_state)
                 break
     except KeyboardInterrupt as err:
         if last_saved is not None:
@@ -521,10 +543,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256,
     _check_model(model)
     batches = _Batches(data, "data")
     batch_size = check_positive_int(batch_size, "batch_size")
-    if device == "auto":
-        dev = next((t.device for t in [*model.parameters(), *model.buffers()]), modes.device())
-    else:
-        dev = _resolve_device(device)
+    dev = module_device(model) if device == "auto" else _resolve_device(device)
     model.to(dev)
     return _mean_loss(model, batches, batch_size, dev)
 
@@ -577,8 +596,6 @@ def _check_number(x, name: str, *, allow_zero: bool = False, optional: bool = Fa
 
 
 def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        return modes.device()
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -589,7 +606,8 @@ def _resolve_device(device) -> torch.device:
 
 def _amp_dtype(amp, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of this run, or None for full float32 precision."""
-    check_choice(amp, "amp", ("auto", True, False))
+    if not (isinstance(amp, bool) or (isinstance(amp, str) and amp == "auto")):
+        raise ValueError(f"amp should be True, False or 'auto' (not 0 or 1); got {amp!r}.")
     if amp is False or (amp == "auto" and device.type != "cuda"):
         return None
     if device.type == "cuda":
@@ -629,10 +647,12 @@ def fit_and_evaluate(model: nn.Module, train, val, test: torch.Tensor, *, sample
     The recipe of every full-size notebook cell in one call: returns a dict with
     ``history``, ``nll`` (a :class:`dgmlab.metrics.NLL`: nats and bits/dim; pass
     ``scale=256`` for continuous models of rescaled 8-bit data) and ``samples``,
-    and prints a one-line summary.
+    and prints a one-line summary. Unless ``device`` is given, it trains on
+    :func:`dgmlab.modes.device` (the GPU in full mode).
     """
     from .metrics import heldout_nll
 
+    fit_kwargs.setdefault("device", modes.device())
     history = fit(model, train, val, **fit_kwargs)
     nll = heldout_nll(model, test, scale=scale)
     drawn = None
@@ -640,7 +660,7 @@ def fit_and_evaluate(model: nn.Module, train, val, test: torch.Tensor, *, sample
         with torch.no_grad():
             drawn = model.sample(samples).cpu()
     seconds = history.seconds[-1] if history.seconds else 0.0
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    count = count_parameters(model)
     print(f"{type(model).__name__}: {count:,} parameters, {len(history)} epochs in {seconds:.0f} s; "
           f"test {nll}")
     return {"history": history, "nll": nll, "samples": drawn}

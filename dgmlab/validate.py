@@ -54,13 +54,15 @@ def check_tensor(
     min: float | None = None,
     max: float | None = None,
     finite: bool = False,
+    whole: bool = False,
     convert: bool = True,
 ) -> torch.Tensor:
     """Check a tensor's shape, dtype kind and value range; return it as a tensor.
 
     ``shape`` may hold ``None`` for any size (e.g. ``(None, 64)`` for a batch of
     64-dimensional vectors); ``kind`` is one of ``"float"``, ``"integer"``,
-    ``"bool"`` or ``"numeric"``; ``min``/``max`` bound the values inclusively.
+    ``"bool"`` or ``"numeric"``; ``min``/``max`` bound the values inclusively;
+    ``whole`` asks for whole numbers of any dtype (discrete levels, not rescaled values).
     """
     if convert:
         x = as_tensor(x, name)
@@ -94,6 +96,9 @@ def check_tensor(
             raise TypeError(f"{name} should hold {kind} values, got dtype {x.dtype}.{hint}")
     if finite and x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values.")
+    if whole and x.is_floating_point() and not torch.equal(x, x.round()):
+        raise ValueError(f"{name} should hold whole numbers (integer levels, not rescaled values), "
+                         "e.g. data.digits(...).x rather than its [0, 1] version.")
     if x.numel() and (min is not None or max is not None):
         lo, hi = x.min().item(), x.max().item()
         if (min is not None and lo < min) or (max is not None and hi > max):

@@ -8,7 +8,7 @@ and returns the axes so cells can add to them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
@@ -103,10 +103,11 @@ def image_grid(
         raise ValueError(
             f"images should have shape (N, C, H, W) with C = 1 or 3, or (N, H, W); got {tuple(x.shape)}."
         )
-    n = len(x)
-    nrow = nrow or max(1, int(math.floor(math.sqrt(n))))
-    check_positive_int(nrow, "nrow")
-    ax = ax if ax is not None else plt.subplots(figsize=(3.2, 3.2))[1]
+    if nrow is None:
+        nrow = max(1, math.isqrt(len(x)))  # about square
+    else:
+        nrow = check_positive_int(nrow, "nrow")
+    ax = _square_axes(ax)
     if x.shape[1] == 3:
         if x.max() > 1.0:
             x = x / 255.0
@@ -252,9 +253,3 @@ def training_curves(
         ax.set_title(title)
     return ax
 
-
-def bar_labels(ax, bars: Sequence, fmt: str = "{:.3g}") -> None:
-    """Write each bar's height above it."""
-    for b in bars:
-        ax.annotate(fmt.format(b.get_height()), (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")

@@ -76,8 +76,6 @@ def find_chromium() -> str | None:
     override = os.environ.get("CHROMIUM")
     if override:
         return override if shutil.which(override) else None
-    if os.access("/usr/bin/chromium", os.X_OK):
-        return "/usr/bin/chromium"
     for name in _CANDIDATES:
         path = shutil.which(name)
         if path:

@@ -190,20 +190,51 @@ def test_c12_sampling_reproduces_the_models_own_distribution(model):
     assert (marg_model - marg_sample).abs().max() < 0.02
 
 
-def test_c12_made_sampling_reproduces_its_distribution_including_the_ensemble():
-    torch.manual_seed(3)
+def random_made_ensemble(seed: int):
+    """A binary MADE on 4 pixels with 3 orderings and large random weights (eval mode), and all 16 images."""
+    torch.manual_seed(seed)
     made = A.MADE(4, (12,), num_masks=3)
     for p in made.parameters():
         p.data.normal_(0, 1.0)
-    made.eval()
-    xs = torch.tensor(list(itertools.product([0, 1], repeat=4))).float()
+    return made.eval(), torch.tensor(list(itertools.product([0, 1], repeat=4))).float()
+
+
+def image_counts(samples: torch.Tensor) -> torch.Tensor:
+    """How often each of the 16 images was drawn, in itertools.product order (the binary code)."""
+    return torch.bincount((samples * torch.tensor([8, 4, 2, 1])).sum(1).long(), minlength=16).double()
+
+
+def test_c12_made_sampling_reproduces_its_distribution_including_the_ensemble():
+    made, xs = random_made_ensemble(3)
     probs = made.log_prob(xs).double().exp()
     n = 20_000
-    samples = made.sample(n)
-    codes = (samples * torch.tensor([8, 4, 2, 1])).sum(1).long()
-    counts = torch.bincount(codes, minlength=16).double()
-    ref = (xs * torch.tensor([8, 4, 2, 1])).sum(1).long()
-    assert chi_square_ok(counts[ref], probs, n)
+    assert chi_square_ok(image_counts(made.sample(n)), probs, n)
+
+
+def test_made_can_be_evaluated_and_sampled_with_chosen_orders():
+    made, xs = random_made_ensemble(4)
+    everyone = made.log_prob(xs)
+    members = []
+    for k in range(3):
+        made.set_mask(k)
+        members.append(made._log_prob_current(xs))
+    made.set_mask(2)  # the block must not depend on, or change, the current mask
+    with made.orders(1):
+        alone = made.log_prob(xs)
+        samples = made.sample(20_000)
+    assert made.current_mask == 2
+    assert torch.allclose(alone, members[1]) and not torch.allclose(alone, members[0])
+    assert alone.double().exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert chi_square_ok(image_counts(samples), alone.double().exp(), 20_000)
+    with made.orders(0, 2):
+        pair = made.log_prob(xs)
+    assert torch.allclose(pair, torch.logsumexp(torch.stack([members[0], members[2]]), 0) - math.log(2), atol=1e-6)
+    assert torch.allclose(made.log_prob(xs), everyone)  # all members again after the block
+    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+        with made.orders(3):
+            pass
+    with pytest.raises(AttributeError):
+        made.num_masks = 1  # read-only: choose members with orders(...)
 
 
 def test_c12_sampling_is_sequential_and_on_a_crop_exact():
@@ -256,7 +287,13 @@ def test_models_refuse_bad_input():
     conditional = A.GatedPixelCNN((1, 4, 4), levels=2, channels=4, layers=1, num_classes=10)
     with pytest.raises(ValueError, match="pass labels"):
         conditional.log_prob(torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="odd"):
+        A.PixelCNN((1, 8, 8), levels=2, kernel=4)
     made = A.MADE(64)
+    with pytest.raises(ValueError, match="integer levels"):
+        made.log_prob(torch.full((1, 64), 0.5))
+    with pytest.raises(ValueError, match="integer levels"):
+        A.MADE(4, levels=3).log_prob(torch.full((1, 4), 1.5))
     with pytest.raises(ValueError, match=r"shape \(N, 64\)"):
         made.log_prob(torch.zeros(2, 63))
     with pytest.raises(ValueError, match="mask index"):

@@ -146,6 +146,8 @@ def test_c3_heldout_likelihood_collapses_as_dimension_grows():
 def test_c3_histogram_refuses_an_impossible_table():
     with pytest.raises(ValueError, match="curse of dimensionality"):
         B.Histogram(64, 2)
+    with pytest.raises(ValueError, match=r"256\^784 = about 10\^1888 bins"):
+        B.Histogram((1, 28, 28), 256)  # k^m far beyond a float
 
 
 def test_histogram_encode_decode_round_trip():

@@ -802,3 +802,15 @@ def test_binarized_mnist_is_a_fixed_bernoulli_draw_with_a_validation_split(tmp_p
     assert abs(train.double().mean().item() - images.mean().item()) < 0.01
     with pytest.raises(ValueError, match="split should be"):
         datasets.binarized_mnist("validation", tmp_path)
+
+
+@pytest.mark.parametrize("split, validation, message", [
+    ("validation", 10, "split should be one of 'train'"),
+    ("test", 0, "validation should be positive"),
+    ("train", -5, "validation should be positive"),
+])
+def test_binarized_mnist_checks_its_arguments_before_loading(tmp_path, split, validation, message):
+    # no files under tmp_path and no download: a DataNotFoundError if it got that far
+    with pytest.raises(ValueError, match=message):
+        datasets.binarized_mnist(split, tmp_path, download=False, validation=validation)
+    assert list(tmp_path.iterdir()) == []

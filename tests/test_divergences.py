@@ -128,6 +128,39 @@ def test_infinite_divergences_are_inf_not_nan():
     assert D.f_divergence_grid("kl", torch.full_like(x, -math.log(2)), inside - math.log(dx * 100), dx).item() == math.inf
 
 
+@pytest.mark.parametrize("tiny", [1e-310, 5e-324])  # subnormal p: π/p overflows to inf
+def test_tiny_p_takes_the_limit_for_p_zero_and_matches_the_closed_form(tiny):
+    pi = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    p = torch.tensor([1.0, tiny], dtype=torch.float64)
+    zero = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    for name in D.GENERATORS:
+        got = D.f_divergence(name, pi, p).item()
+        assert got == D.f_divergence(name, pi, zero).item(), name  # the p → 0 limit, never NaN
+        if name in ("kl", "pearson"):
+            assert got == math.inf  # π · lim f(u)/u with an infinite slope
+        else:  # bounded terms: the limit is what the closed form gives at this p
+            assert got == pytest.approx(D.closed_form(name, pi, p).item(), rel=1e-12), name
+    # f(π/p) itself can overflow while π/p is finite (here 5e307): still no NaN
+    p = torch.tensor([1.0, 1e-308], dtype=torch.float64)
+    assert D.f_divergence("js", pi, p).item() == pytest.approx(D.closed_form("js", pi, p).item(), rel=1e-12)
+    assert D.f_divergence("kl", pi, p).item() == math.inf
+
+
+def test_monte_carlo_with_an_overflowing_ratio_is_never_nan():
+    log_pi = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    est = D.mc_f_divergence("js", log_pi, torch.tensor([-800.0, -1.0]))  # π/p = e^800 overflows
+    assert est.mean == math.inf and est.stderr == math.inf
+    for name, g in D.GENERATORS.items():  # lim_{u→∞} f(u): the sign of the slope, −inf for slope 0
+        limit = math.copysign(math.inf, g.slope_at_infinity) if g.slope_at_infinity else -math.inf
+        assert D.mc_f_divergence(name, log_pi, torch.tensor([-800.0, -1.0])).mean == limit, name
+    # where π/p = e^708.5 is still finite, the sublinear generators stay exact
+    log_p = torch.tensor([-708.5, -1.0], dtype=torch.float64)
+    assert D.mc_f_divergence("reverse_kl", log_pi, log_p).mean == pytest.approx((-708.5 - 1.0) / 2, rel=1e-12)
+    # GAN: f(u) = u log u − (u + 1) log(u + 1) ≈ −1 − log u for huge u; f(e) = e − (e + 1) log(e + 1)
+    gan = (-1 - 708.5 + math.e - (math.e + 1) * math.log(math.e + 1)) / 2
+    assert D.mc_f_divergence("gan", log_pi, log_p).mean == pytest.approx(gan, rel=1e-12)
+
+
 def test_divergences_refuse_bad_input():
     with pytest.raises(ValueError, match="negative"):
         D.f_divergence("kl", torch.tensor([1.2, -0.2]), torch.tensor([0.5, 0.5]))

@@ -6,6 +6,7 @@ pytest reports the parametrized tests as skipped ("empty parameter set").
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,19 @@ def test_solution_nbgrader_metadata_is_up_to_date(solution, stale):
     ids = [c.metadata["nbgrader"]["grade_id"] for c in nb.cells if "nbgrader" in c.metadata]
     assert len(ids) == len(set(ids)), "nbgrader grade ids must be unique"
     assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@per_notebook
+def test_score_cell_states_the_notebooks_points_and_questions(solution):
+    nb = nbs.read_notebook(solution)
+    questions = nbs.questions(nb, str(solution))
+    score = [c.source for c in nb.cells if c.cell_type == "code"
+             and re.search(r"of [\d.]+ points; ", c.source) and "questions" in c.source]
+    assert len(score) == 1, "expected one score cell printing 'N of P points; ... of the Q questions'"
+    points = float(re.search(r"of ([\d.]+) points; ", score[0]).group(1))
+    count = int(re.search(r"of the (\d+) questions", score[0]).group(1))
+    assert (points, count) == (sum(q.points for q in questions), len(questions)), (
+        "the score cell's totals disagree with the check(...) cells: update the numbers it prints")
 
 
 @per_notebook

@@ -484,13 +484,34 @@ def test_find_leaks_ignores_trivial_and_visible_lines():
     assert nbs.find_leaks(solution, exercise) == []
 
 
+def test_guard_code_rebinds_only_what_the_checks_use_at_the_setup_cells_lines():
+    setup = ("import math\nimport torch\nfrom dgmlab import divergences as dv, viz\n"
+             "Normal = torch.distributions.Normal\n_ = torch.manual_seed(0)\n\n"
+             "def helper(k):\n    return math.sqrt(k)\n\nresults = [1]\n")
+    test = ('with check("q1", points=1):\n    expect_true(helper(4) == float(2), "helper")\n'
+            "    expect_close(dv.LOG2, Normal(0, 1).mean + 0.69)")
+    guard = nbs.guard_code(solution_nb(setup, test)).splitlines()
+    # not viz, the seed or `results` (which `from dgmlab.grading import *` would overwrite)
+    assert guard == ["import math", "import torch", "from dgmlab import divergences as dv",
+                     "Normal = torch.distributions.Normal", "", "", "def helper(k):",
+                     "    return math.sqrt(k)", "", "",
+                     "from dgmlab.grading import check, expect_close, expect_true",
+                     "from builtins import float"]
+    # A setup cell holding a solution is never re-run, only its imports.
+    answer = "import math\n\ndef helper(k):\n    # Hint: h\n    ### BEGIN SOLUTION\n    return 2\n    ### END SOLUTION"
+    guard = nbs.guard_code(solution_nb(answer, test)).splitlines()
+    assert guard == ["", "", "", "", "", "", "",
+                     "from dgmlab.grading import check, expect_close, expect_true",
+                     "from builtins import float"]
+
+
 # --------------------------------------------------------------------------
 # End-to-end grading of a synthetic assignment
 # --------------------------------------------------------------------------
 
 ASSIGNMENT = [
     new_markdown_cell("# A synthetic assignment"),
-    "from dgmlab.grading import check, expect_close, expect_equal",
+    "from dgmlab.grading import check, expect_close, expect_equal, expect_function_matches",
     '''def add(a, b):
     """Return a + b."""
     # Hint: use the + operator.
@@ -522,7 +543,7 @@ ASSIGNMENT = [
     '''with check("q3_square", points=1):
     expect_equal(square(3), 9, what="square(3)")
     ### BEGIN HIDDEN TESTS
-    expect_equal(square(-2), 4, what="square(-2)")
+    expect_function_matches(square, lambda x: x * x, [(-2,), (0.5,)])
     ### END HIDDEN TESTS''',
     new_code_cell('print("solution demo:", mean([1, 2]))', metadata={"tags": ["solution-only"]}),
 ]
@@ -531,6 +552,24 @@ RIGHT = {"add": "def add(a, b):\n    return a + b",
          "mean": "def mean(xs):\n    return sum(xs) / len(xs)",
          "square": "def square(x):\n    return x ** 2"}
 LOOP = "def mean(xs):\n    while True:\n        pass"
+# Wrong answers whose cells rebind what the check cells use, to fake a pass.
+FAKE_CHECK = """
+
+import contextlib, json, os
+
+@contextlib.contextmanager
+def check(question, points, hint=None):
+    with open(os.environ["DGMLAB_GRADING_LOG"], "a") as log:
+        log.write(json.dumps({"question": question, "points": points, "max": points,
+                              "status": "passed", "message": "faked"}) + "\\n")
+    try:
+        yield
+    except Exception:
+        pass
+"""
+CHEAT = {"add": "def add(a, b):\n    return 3\n\nexpect_equal = lambda *a, **k: None",
+         "mean": "def mean(xs):\n    return 0" + FAKE_CHECK + "\nexpect_close = lambda *a, **k: None",
+         "square": "def square(x):\n    return 9\n\nexpect_function_matches = expect_equal = print"}
 DEAF = ("import signal\n\ndef mean(xs):\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "    while True:\n        pass")
 
@@ -547,6 +586,7 @@ EXPECTED = {
     "hal": (None, [0, 0, 0], ["hal.pdf is a .pdf file, not a Jupyter notebook"]),
     "ian": ({**RIGHT, "add": "def add(a, b):\n    return 3"}, [0, 3, 1],
             ["The check cell for q3_square was missing"]),
+    "jo": (CHEAT, [0, 0, 0], []),
 }
 
 
@@ -639,15 +679,27 @@ def test_feedback_explains_every_outcome(graded):
     assert "Not graded: the Python kernel died while this check was running." in fay
     eve = (feedback / "eve.md").read_text(encoding="utf-8")
     assert "Not graded: the notebook ran out of time (12 s in total) before this check was reached." in eve
+    assert "❌ q3_square: 0/1 point. Not graded: the notebook ran out of time" in eve  # "point", as checks say
+    gus = (feedback / "gus.md").read_text(encoding="utf-8")
+    assert "❌ q3_square: 0/1 point. Not graded (see the notes)." in gus
     ian = (feedback / "ian.md").read_text(encoding="utf-8")
     assert "add(-5, 5): expected 0, got 3." in ian  # the hidden test ran
+    jo = (feedback / "jo.md").read_text(encoding="utf-8")  # the real checks, not jo's own
+    assert "add(-5, 5): expected 0, got 3." in jo
+    assert "mean([1, 2, 3, 4]): expected 2.5, got 0." in jo and "faked" not in jo
+    assert "square(-2) returned 9, expected 4." in jo
 
 
 def test_executed_notebooks_are_kept_when_execution_happened(graded):
     executed = graded["root"] / "out" / "executed"
-    assert sorted(p.stem for p in executed.iterdir()) == ["ada", "ben", "cy", "dee", "eve", "fay", "ian"]
+    assert sorted(p.stem for p in executed.iterdir()) == ["ada", "ben", "cy", "dee", "eve", "fay", "ian",
+                                                          "jo"]
     ada = nbs.read_notebook(executed / "ada.ipynb")
     assert "✅ q3_square: 1/1 point." in ada.cells[7].outputs[0]["text"]
+    # What is re-run before each check leaves no trace: no outputs, no skipped execution counts.
+    code = [c for c in ada.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert [len(c.outputs) for c in code] == [0, 0, 1, 0, 1, 0, 1]
 
 
 def test_grading_is_bounded_in_time_and_leaves_no_processes(graded):

@@ -251,12 +251,7 @@ def chromium():
         yield b
 
 
-def _state(b: browser.Browser, figure_id: str) -> dict:
-    return b.evaluate(
-        f"(() => {{ const r = document.getElementById('{figure_id}');"
-        " return {src: r.querySelector('img').src,"
-        " shown: Array.from(r.querySelectorAll('output'), o => o.textContent)}; })()"
-    )
+_state = browser._figure_state  # shown values, image source, slider positions
 
 
 def test_a_reader_moves_the_slider_in_a_browser_without_network(chromium, tmp_path):

@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
+from torch import nn
+
 from dgmlab import baselines, data, metrics
+from dgmlab.base import GenerativeModel, module_device
 
 
 def test_bits_per_dim_conversions():
@@ -46,3 +49,33 @@ def test_heldout_nll_checks_the_model_output():
         metrics.heldout_nll(Bad(), torch.zeros(4, 3))
     with pytest.raises(ValueError, match=r"shape \(N, ...\)"):
         metrics.heldout_nll(Bad(), torch.zeros(4))
+
+
+def test_module_device_is_where_the_first_parameter_or_buffer_lives():
+    meta = torch.device("meta")  # a non-CPU device that needs no GPU
+    assert module_device(nn.Linear(2, 2, device="meta")) == meta
+    buffered = nn.Module()
+    buffered.register_buffer("table", torch.zeros(3, device="meta"))
+    assert module_device(buffered) == meta
+    assert module_device(nn.Module()) == torch.device("cpu")
+    assert module_device(nn.Module(), default="meta") == meta
+    assert module_device(object()) == torch.device("cpu")  # not a module: the default
+    model = GenerativeModel()
+    model.register_buffer("b", torch.zeros(1, device="meta"))
+    assert model.device == meta
+
+
+def test_heldout_nll_feeds_a_plain_module_on_its_own_device():
+    class PlainOnMeta(nn.Module):  # an nn.Module without a .device attribute
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, device="meta"))
+            self.seen = []
+
+        def log_prob(self, x):
+            self.seen.append(x.device)
+            return torch.zeros(len(x))
+
+    model = PlainOnMeta()
+    metrics.heldout_nll(model, torch.zeros(5, 3), batch_size=2)
+    assert model.seen == [torch.device("meta")] * 3

@@ -18,7 +18,7 @@ def test_fast_mode_is_the_default_without_a_gpu(monkeypatch):
 @pytest.mark.parametrize("value,full", [("1", True), ("true", True), ("0", False), ("off", False)])
 def test_the_environment_variable_decides(monkeypatch, value, full):
     monkeypatch.setenv("DGMLAB_FULL", value)
-    assert modes.is_full() is full
+    assert modes.current().full is full
     assert "DGMLAB_FULL" in modes.current().reason
 
 

@@ -79,6 +79,25 @@ def test_full_size_cells_run_on_tiny_data(path, tmp_path, monkeypatch):
     assert reported, "a full-size cell should report what it measured"
 
 
+@pytest.mark.parametrize("path", [*BOOK, *sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_display_maths_stands_in_its_own_paragraph(path):
+    """MyST renders $$ … $$ as display maths only with a blank line before and after; otherwise stray $ show."""
+    bad = []
+    for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        if cell.cell_type != "markdown":
+            continue
+        lines, inside = cell.source.splitlines(), False
+        for j, line in enumerate(lines):
+            if line.strip() != "$$":
+                continue
+            neighbour = lines[j + 1] if inside and j + 1 < len(lines) else (lines[j - 1] if not inside and j else "")
+            if neighbour.strip():
+                bad.append((i, j, neighbour[:40]))
+            inside = not inside
+    assert bad == [], f"$$ needs a blank line beside it (cell, line, neighbour): {bad[:3]}"
+
+
 @pytest.mark.parametrize("path", BOOK, ids=[p.name for p in BOOK])
 def test_book_code_fits_the_page(path):
     """The book's code column shows about 80 characters; longer lines scroll sideways."""

@@ -246,6 +246,53 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     assert load_checkpoint(ckpt)["fingerprint"]["batch_size"] == 32
 
 
+def test_reordered_model_tensors_are_refused_with_a_message(tmp_path):
+    """Same names and shapes in another order: the optimiser state (kept by position) would
+    land on the wrong tensors, so the checkpoint is refused, and the message says why."""
+
+    class Pair(nn.Module):
+        def __init__(self, order: str):
+            super().__init__()
+            for name in order:
+                setattr(self, name, nn.Linear(2, 2))
+
+        def loss(self, x):
+            return ((self.a(x) + self.b(x)) ** 2).mean()
+
+    data, ckpt = make_data(32), tmp_path / "run.pt"
+    fit(Pair("ab"), data, epochs=1, checkpoint=ckpt, progress=False)
+    with pytest.raises(CheckpointError, match="tensors come in a different order"):
+        fit(Pair("ba"), data, epochs=1, checkpoint=ckpt, progress=False)
+
+
+def test_checkpoint_every_saves_every_nth_epoch_and_at_the_end(tmp_path, monkeypatch):
+    data, ckpt = make_data(64), tmp_path / "run.pt"
+    saved = []
+    real_save = train.save_checkpoint
+
+    def recording_save(obj, path):
+        saved.append((obj["epoch"], obj["finished"]))
+        real_save(obj, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+
+    def interrupt(epoch, history, model):
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(noisy_mlp(), data, epochs=5, batch_size=16, checkpoint=ckpt, checkpoint_every=2,
+            progress=False, callbacks=[interrupt])
+    assert saved == [(2, False)] and load_checkpoint(ckpt)["epoch"] == 2  # not epoch 3
+
+    history = fit(noisy_mlp(), data, epochs=5, batch_size=16, checkpoint=ckpt,
+                  checkpoint_every=2, progress=False)
+    assert history.resumed_from == 2
+    assert saved == [(2, False), (4, False), (5, True)]  # every 2nd epoch, then the end
+    assert history.train_loss == fit(noisy_mlp(), data, epochs=5, batch_size=16,
+                                     progress=False).train_loss
+
+
 @pytest.mark.parametrize("content", [b"not a checkpoint at all", "truncated", "foreign"])
 def test_corrupt_checkpoint_is_refused(tmp_path, content):
     data, ckpt = make_data(), tmp_path / "run.pt"
@@ -364,6 +411,58 @@ def test_max_seconds_stops_mid_epoch():
     assert 0.2 <= history.seconds[-1] < 2
 
 
+def test_time_budget_stop_continues_with_a_larger_budget(tmp_path):
+    """Out of time is not finished: more time trains on (optimiser and schedule restored);
+    the same budget returns at once, as does a run that ran out of epochs."""
+
+    class Slow(GaussianMean):
+        batches = 0  # training steps taken, over all runs
+
+        def loss(self, x):
+            if not self.training:
+                return super().loss(x)
+            Slow.batches += 1
+            time.sleep(0.01)
+            return super().loss(x)
+
+    def untrainable() -> Slow:
+        model = Slow()
+        model.loss = lambda *x: pytest.fail("this run had nothing left to train")
+        return model
+
+    data, val, ckpt = make_data(100), make_data(20, seed=1), tmp_path / "run.pt"
+    opts = []
+
+    def run(model, max_seconds):
+        return fit(model, data, val, epochs=4, batch_size=10, lr=0.1, max_seconds=max_seconds,
+                   optimizer=lambda p: opts.append(torch.optim.Adam(p, lr=0.1)) or opts[-1],
+                   scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
+                   checkpoint=ckpt, progress=False)
+
+    first = Slow()
+    h1 = run(first, 0.03)  # 10 batches of 10 ms per epoch: stops inside epoch 1
+    assert h1.stop_reason == "max_seconds" and len(h1) == 1 and Slow.batches < 10
+    assert load_checkpoint(ckpt)["finished"] is False
+
+    same = untrainable()
+    h2 = run(same, 0.03)  # no more time than was spent: returns as the first run ended
+    assert h2.stop_reason == "max_seconds" and h2.epoch == [1] and h2.resumed_from == 1
+    assert torch.equal(same.mu, first.mu)
+
+    h3 = run(Slow(), h1.seconds[-1] + 0.05)  # a little more time: a little further
+    assert h3.stop_reason == "max_seconds" and 1 < len(h3) < 4 and h3.resumed_from == 1
+    assert h3.seconds[-1] > h1.seconds[-1] + 0.05
+
+    h4 = run(Slow(), None)  # no limit: on to the last epoch
+    assert h4.stop_reason == "epochs" and h4.completed and h4.epoch == [1, 2, 3, 4]
+    assert h4.lr == pytest.approx([0.1, 0.05, 0.025, 0.0125])  # the schedule carried on
+    adam = opts[-1].state[opts[-1].param_groups[0]["params"][0]]
+    assert adam["step"].item() == Slow.batches  # Adam's moments carried on too
+    assert load_checkpoint(ckpt)["finished"] is True
+    h5 = run(untrainable(), None)
+    assert h5.epoch == [1, 2, 3, 4] and h5.stop_reason == "epochs"
+
+
 def test_amp_true_runs_bfloat16_autocast_on_cpu():
     class Recorder(GaussianMean):
         dtypes = []
@@ -480,6 +579,8 @@ class VectorLoss(GaussianMean):
         (GaussianMean(), torch.ones(4, 2), {"lr": -1}, ValueError, "lr should be a positive"),
         (GaussianMean(), torch.ones(4, 2), {"optimizer": "rmsprop"}, ValueError, "'adam'"),
         (GaussianMean(), torch.ones(4, 2), {"amp": "yes"}, ValueError, "amp"),
+        (GaussianMean(), torch.ones(4, 2), {"amp": 0}, ValueError, r"amp should be True, False"),
+        (GaussianMean(), torch.ones(4, 2), {"amp": 1}, ValueError, r"not 0 or 1\); got 1"),
         (GaussianMean(), torch.ones(4, 2), {"patience": 3}, ValueError, "pass val data"),
         (GaussianMean(), torch.ones(4, 2), {"clip_grad_norm": 0}, ValueError, "clip_grad_norm"),
         (GaussianMean(), torch.ones(4, 2), {"device": "gpu0"}, ValueError, "device"),
@@ -516,3 +617,25 @@ def test_fit_and_evaluate_reports_nll_and_samples(capsys):
     assert out["samples"].shape == (5, 2) and len(out["history"]) == 30
     assert out["nll"].nats == pytest.approx(-model.log_prob(x[350:]).mean().item(), rel=1e-5)
     assert "DiagonalGaussian: 4 parameters, 30 epochs" in capsys.readouterr().out
+
+
+def test_fit_trains_where_the_model_is_and_full_size_runs_on_the_modes_device(monkeypatch):
+    """A GPU turns full mode on; the lecture's small CPU models must stay on the CPU even then
+    (the next cells feed them CPU tensors), while fit_and_evaluate trains on the mode's device."""
+    from dgmlab import modes
+
+    monkeypatch.setattr(modes, "device", lambda: torch.device("meta"))  # stands in for a GPU
+    model = GaussianMean()
+    fit(model, make_data(), epochs=1, progress=False)
+    assert model.mu.device.type == "cpu"
+
+    class Called(Exception):
+        pass
+
+    def record(model, *args, **kwargs):
+        raise Called(kwargs["device"])
+
+    monkeypatch.setattr(train, "fit", record)
+    with pytest.raises(Called) as called:
+        train.fit_and_evaluate(model, make_data(), None, make_data())
+    assert called.value.args[0] == torch.device("meta")

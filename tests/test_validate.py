@@ -11,6 +11,7 @@ from dgmlab.base import GenerativeModel
 def test_check_tensor_accepts_good_input_and_converts_arrays():
     x = V.check_tensor(np.zeros((3, 64), dtype=np.float32), "x", shape=(None, 64), kind="float", min=0, max=1)
     assert isinstance(x, torch.Tensor) and x.shape == (3, 64)
+    assert V.check_tensor(torch.tensor([0.0, 3.0]), whole=True).tolist() == [0.0, 3.0]  # whole floats are fine
 
 
 @pytest.mark.parametrize("kwargs,x,message", [
@@ -20,6 +21,7 @@ def test_check_tensor_accepts_good_input_and_converts_arrays():
     ({"kind": "integer"}, torch.zeros(2), "integer values"),
     ({"min": 0, "max": 1}, torch.tensor([0.5, 2.0]), r"lie in \[0, 1\].*\[0.5, 2\]"),
     ({"finite": True}, torch.tensor([1.0, float("nan")]), "NaN"),
+    ({"whole": True}, torch.tensor([1.0, 0.5]), "whole numbers"),
 ])
 def test_check_tensor_messages(kwargs, x, message):
     with pytest.raises((ValueError, TypeError), match=message):

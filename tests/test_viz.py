@@ -35,6 +35,8 @@ def test_image_grid_refuses_bad_shapes():
         viz.image_grid(torch.zeros(2, 2, 8, 8))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         viz.image_grid(torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="nrow should be positive"):
+        viz.image_grid(torch.zeros(4, 8, 8), nrow=0)  # not silently the default
 
 
 def test_density_heatmap_shows_the_density():

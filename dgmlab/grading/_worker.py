@@ -7,7 +7,12 @@ the notebook got when it has to kill this process.
 
 Verdicts are read from the kernel's ``DGMLAB_GRADING_LOG`` after each cell and
 only the one for the check cell just run is kept: a ``check(...)`` call a
-student writes elsewhere cannot earn points.
+student writes elsewhere cannot earn points. Before each check cell the
+request's ``guard`` code (:func:`notebooks.guard_code`) runs silently -- no
+output, no execution count, the cell's own source and line numbers untouched --
+so that ``check``, ``expect_*`` and the setup cell's imports are the real ones
+again, whatever a student's cell bound to those names. A student who changes
+the dgmlab modules themselves (``feedback.expect_close = ...``) is not stopped.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 
+from ..files import atomic_write
 from .feedback import LOG_ENV
-from .notebooks import atomic_write_text, notebook_text
+from .notebooks import notebook_text
 
 
 class _Events:
@@ -66,15 +72,23 @@ def _error_of(cell: nbformat.NotebookNode) -> tuple[str, str] | None:
     return (errors[-1].get("ename", ""), errors[-1].get("evalue", "")) if errors else None
 
 
+def _run_silently(client: NotebookClient, code: str) -> None:
+    """Run ``code`` in the kernel without adding outputs or an execution count to the notebook."""
+    msg_id = client.kc.execute(code, silent=True, store_history=False, allow_stdin=False)
+    client.wait_for_reply(msg_id)  # interrupts after the cell time limit; raises if the kernel died
+
+
 def _run_cells(client: NotebookClient, nb, request: dict, events: _Events, log: _Log) -> None:
     tests = {int(k): v for k, v in request["tests"].items()}
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code" or not cell.source.strip():
             continue
         events.emit("start", cell=index)
-        log.new_records()  # anything logged before this cell belongs to other cells
-        started = time.monotonic()
         try:
+            if index in tests and request.get("guard"):
+                _run_silently(client, request["guard"])  # the real check, expect_*, imports
+            log.new_records()  # anything logged before this cell belongs to other cells
+            started = time.monotonic()
             client.execute_cell(cell, index)
         except DeadKernelError:
             events.emit("dead", cell=index)
@@ -91,7 +105,7 @@ def _run_cells(client: NotebookClient, nb, request: dict, events: _Events, log: 
             else:
                 events.emit("noresult", cell=index, question=tests[index], error=error)
         events.emit("done", cell=index)
-        atomic_write_text(request["executed"], notebook_text(nb))
+        atomic_write(request["executed"], notebook_text(nb))
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,9 @@
 """Grade a folder of student notebooks against a solution notebook.
 
 Every submission gets the solution's full check cells (hidden tests included)
-in place of its own, then runs in a fresh ``python3`` kernel inside its own
+in place of its own, and before each of them the names the checks use
+(``check``, ``expect_*``, the setup cell's imports) are silently bound again to
+the real ones. It runs in a fresh ``python3`` kernel inside its own
 worker process, in a scratch folder, with a per-cell and a whole-notebook time
 limit. Whatever a submission does -- crash, hang, kill its kernel, not be a
 notebook at all -- it scores zero where it failed, gets a note saying why, and
@@ -32,13 +34,14 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-from .feedback import LOG_ENV, _fmt_points
+from ..files import atomic_write
+from .feedback import LOG_ENV, _fmt_points, _score
 from .notebooks import (
     KERNELSPEC,
     NotebookError,
     Question,
     annotate_solution,
-    atomic_write_text,
+    guard_code,
     notebook_text,
     questions,
     read_notebook,
@@ -187,11 +190,13 @@ def _rebuild(nb: NotebookNode) -> NotebookNode:
 
 @dataclass
 class PreparedSubmission:
-    """A submission ready to run: the notebook, its genuine check cells, notes for the student."""
+    """A submission ready to run: the notebook, its genuine check cells, notes for the student,
+    and the code re-run silently before each check cell (see :func:`notebooks.guard_code`)."""
 
     nb: NotebookNode
     tests: dict[int, str]  # cell index -> question id
     notes: list[str]
+    guard: str = ""
 
 
 def prepare_submission(solution: NotebookNode, submission: NotebookNode) -> PreparedSubmission:
@@ -199,6 +204,11 @@ def prepare_submission(solution: NotebookNode, submission: NotebookNode) -> Prep
 
     Check cells are matched by ``nbgrader.grade_id``; a missing one is added at
     the end, a duplicate is dropped, so students cannot weaken or skip checks.
+    Names the checks use are bound again before each check runs (``guard``),
+    so rebinding ``check`` or ``expect_close`` in an answer cell earns nothing.
+    Not prevented: changing the dgmlab (or torch) modules themselves, e.g.
+    ``dgmlab.grading.feedback.expect_close = ...``, or the notebook's own
+    variables that a check reads.
     """
     annotated = annotate_solution(solution, "the solution")
     genuine = {q.id: annotated.cells[q.cell] for q in questions(solution, "the solution")}
@@ -226,7 +236,7 @@ def prepare_submission(solution: NotebookNode, submission: NotebookNode) -> Prep
             notes.append(f"The check cell for {qid} was missing from the notebook; it was added "
                          "back at the end and run there.")
             add_check(qid)
-    return PreparedSubmission(nb, tests, notes)
+    return PreparedSubmission(nb, tests, notes, guard_code(solution, "the solution"))
 
 
 # --------------------------------------------------------------------------
@@ -242,6 +252,8 @@ class _Settings:
 
 
 def _worker_env(scratch: Path, settings: _Settings) -> dict[str, str]:
+    from ..modes import FULL_ENV  # here, not at the top: dgmlab.modes loads torch
+
     env = dict(os.environ)
     env[LOG_ENV] = str(scratch / "grading-log.jsonl")
     # Connection files and anything the kernel writes to its temp folder go into
@@ -254,7 +266,7 @@ def _worker_env(scratch: Path, settings: _Settings) -> dict[str, str]:
         # A source checkout: workers and kernels must import this very dgmlab.
         paths = [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    env.setdefault("DGMLAB_FULL", "0")  # grade the fast, CPU-sized version
+    env.setdefault(FULL_ENV, "0")  # grade the fast, CPU-sized version
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # parallel jobs share the cores
         env.setdefault(var, str(settings.threads))
     return env
@@ -346,14 +358,14 @@ def _run_worker(
     work = scratch / "work"
     work.mkdir()
     events_path = scratch / "events.jsonl"
-    atomic_write_text(scratch / "submission.ipynb", notebook_text(prepared.nb))
+    atomic_write(scratch / "submission.ipynb", notebook_text(prepared.nb))
     request = {
         "notebook": str(scratch / "submission.ipynb"), "events": str(events_path),
         "executed": str(scratch / "executed.ipynb"), "workdir": str(work),
         "cell_timeout": settings.cell_timeout, "startup_timeout": min(60, settings.timeout),
-        "tests": {str(k): v for k, v in prepared.tests.items()},
+        "tests": {str(k): v for k, v in prepared.tests.items()}, "guard": prepared.guard,
     }
-    atomic_write_text(scratch / "request.json", json.dumps(request))
+    atomic_write(scratch / "request.json", json.dumps(request))
     with open(scratch / "worker.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dgmlab.grading._worker", str(scratch / "request.json")],
@@ -426,7 +438,7 @@ def _results(events: list[dict], prepared: PreparedSubmission, qs: list[Question
     missing = {e["question"]: e.get("error") for e in events if e["event"] == "noresult"}
     out = []
     for q in qs:
-        zero = f"❌ {q.id}: 0/{_fmt_points(q.points)} points."
+        zero = f"❌ {q.id}: 0/{_score(q.points)}."
         record = logged.get(q.id)
         if record is not None:
             passed = record.get("status") == "passed"
@@ -469,7 +481,7 @@ def _grade_one(sub: Submission, solution: NotebookNode, qs: list[Question], out:
         notes += [stop.note] if stop else []
         result = StudentResult(sub.student, sub.path, _results(events, prepared, qs, stop), notes)
         if (scratch / "executed.ipynb").exists():
-            atomic_write_text(executed, (scratch / "executed.ipynb").read_text(encoding="utf-8"))
+            atomic_write(executed, (scratch / "executed.ipynb").read_text(encoding="utf-8"))
             result.executed = executed
         return result
     finally:
@@ -477,8 +489,9 @@ def _grade_one(sub: Submission, solution: NotebookNode, qs: list[Question], out:
 
 
 def _zero(sub: Submission, qs: list[Question], note: str) -> StudentResult:
-    results = [QuestionResult(q.id, 0, q.points, NOT_RUN, f"❌ {q.id}: 0/{_fmt_points(q.points)} "
-                              "points. Not graded (see the notes).") for q in qs]
+    results = [QuestionResult(q.id, 0, q.points, NOT_RUN,
+                              f"❌ {q.id}: 0/{_score(q.points)}. Not graded (see the notes).")
+               for q in qs]
     return StudentResult(sub.student, sub.path, results, [note])
 
 
@@ -570,7 +583,7 @@ def grade(
         except Exception as err:  # a grader bug must not cost the other students their grades
             result = _zero(sub, qs, f"Internal grader error, please tell the instructor: "
                                     f"{type(err).__name__}: {err}")
-        atomic_write_text(out / "feedback" / f"{_safe(sub.student)}.md",
+        atomic_write(out / "feedback" / f"{_safe(sub.student)}.md",
                           _feedback_text(result, solution.name))
         if on_result is not None:
             on_result(result)
@@ -585,5 +598,5 @@ def grade(
         raise
     pool.shutdown()
     results.sort(key=lambda r: r.student)
-    atomic_write_text(out / "gradebook.csv", _gradebook_text(results))
+    atomic_write(out / "gradebook.csv", _gradebook_text(results))
     return results

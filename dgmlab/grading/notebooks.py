@@ -18,6 +18,7 @@ is found by students, not by the author.
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import hashlib
 import json
@@ -31,15 +32,16 @@ import nbformat
 from nbformat import NotebookNode
 
 from ..files import atomic_write
+from . import feedback
 
 __all__ = [
     "NotebookError",
     "Question",
     "annotate_solution",
-    "atomic_write_text",
     "execute_in_place",
     "find_leaks",
     "generate",
+    "guard_code",
     "make_exercise",
     "notebook_text",
     "questions",
@@ -126,22 +128,27 @@ def notebook_text(nb: NotebookNode) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, so readers never see half a file."""
-    atomic_write(path, text)
-
-def _parse(source: str) -> ast.Module | None:
-    """The cell's syntax tree; IPython magics are translated first if needed."""
+def _python(source: str) -> str | None:
+    """The cell as plain Python (IPython magics translated if needed), or None if it is not."""
     try:
-        return ast.parse(source)
+        ast.parse(source)
+        return source
     except SyntaxError:
         pass
     try:
         from IPython.core.inputtransformer2 import TransformerManager
 
-        return ast.parse(TransformerManager().transform_cell(source))
+        text = TransformerManager().transform_cell(source)
+        ast.parse(text)
+        return text
     except Exception:
         return None
+
+
+def _parse(source: str) -> ast.Module | None:
+    """The cell's syntax tree; IPython magics are translated first if needed."""
+    text = _python(source)
+    return None if text is None else ast.parse(text)
 
 
 def _scan_regions(lines: list[str], where: _Where) -> list[_Region]:
@@ -477,6 +484,103 @@ def questions(nb: NotebookNode, name: str = "notebook") -> list[Question]:
     return [p.question for p in _plan(nb, name) if p.kind == "test"]
 
 
+def guard_code(nb: NotebookNode, name: str = "notebook") -> str:
+    """Code the grader re-runs silently before each check cell, so checks use the real helpers.
+
+    It rebinds the names the check cells use to what the solution binds them
+    to: the imports (and, from a plain setup cell, the definitions and aliases
+    such as ``Normal = torch.distributions.Normal``) of the first code cell,
+    then ``from dgmlab.grading import ...`` and ``from builtins import ...`` for
+    the rest. So rebinding ``check`` or ``expect_close`` in an answer cell
+    earns nothing, and no other name of the student's is touched. Re-run
+    definitions keep their line numbers, so tracebacks through them read as
+    in the setup cell.
+    """
+    plans = _plan(nb, name)
+    needed: set[str] = set()
+    for cell, plan in zip(nb.cells, plans):
+        if plan.kind == "test":
+            needed |= _loaded_names(_parse(cell.source))
+    first = next(((c, p) for c, p in zip(nb.cells, plans)
+                  if c.cell_type == "code" and c.source.strip()), None)
+    text = _python(first[0].source) if first else None
+    tree = ast.parse(text) if text is not None else ast.Module(body=[], type_ignores=[])
+    definitions = first is not None and first[1].kind == "plain"  # not solution code
+    kept: dict[int, ast.stmt] = {}
+    grown = True
+    while grown:  # a kept definition may need further names of the setup cell
+        grown = False
+        for i, node in enumerate(tree.body):
+            if i not in kept and _rebinds(node, definitions) & needed:
+                kept[i] = node
+                needed |= _loaded_names(node)
+                grown = True
+    lines = text.splitlines() if text is not None else []
+    slots, extra = [""] * len(lines), []
+    bound: set[str] = set()
+    for i in sorted(kept):
+        node = kept[i]
+        bound |= _rebinds(node, definitions) & needed
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            only = [a for a in node.names if _alias_name(a) in needed]
+            clone = copy.copy(node)
+            clone.names = only
+            code = ast.unparse(clone)
+            row = node.lineno - 1
+            slots[row] = f"{slots[row]}; {code}" if slots[row] else code
+            continue
+        start = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno]) - 1
+        last = lines[node.end_lineno - 1]
+        whole = node.col_offset == 0 and not last[node.end_col_offset:].split("#")[0].strip()
+        if whole and not any(slots[start:node.end_lineno]):
+            slots[start:node.end_lineno] = lines[start:node.end_lineno]
+        else:  # shares a line with other statements: run it on its own, below
+            extra.append(ast.unparse(node))
+    checks = sorted(needed & set(feedback.__all__) - bound)
+    if checks:
+        extra.append(f"from dgmlab.grading import {', '.join(checks)}")
+    builtin = sorted(n for n in needed - bound - set(checks)
+                     if hasattr(builtins, n) and not n.startswith("_"))
+    if builtin:
+        extra.append(f"from builtins import {', '.join(builtin)}")
+    code = "\n".join(slots + extra)
+    return code + "\n" if code.strip() else ""
+
+
+def _loaded_names(tree: ast.AST | None) -> set[str]:
+    """Every name read anywhere in ``tree``."""
+    if tree is None:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _alias_name(alias: ast.alias) -> str:
+    return alias.asname or alias.name.split(".")[0]
+
+
+def _rebinds(node: ast.stmt, definitions: bool) -> set[str]:
+    """Names a setup-cell statement binds that the guard may re-run: imports always, and
+    (with ``definitions``) functions, classes and aliases of an attribute or a name."""
+    if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+        return set()
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {_alias_name(a) for a in node.names if a.name != "*"}
+    if not definitions:
+        return set()
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if (isinstance(node, ast.Assign) and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name) and _is_alias(node.value)):
+        return {node.targets[0].id}
+    return set()
+
+
+def _is_alias(value: ast.expr) -> bool:
+    while isinstance(value, ast.Attribute):
+        value = value.value
+    return isinstance(value, ast.Name)
+
+
 def make_exercise(nb: NotebookNode, name: str = "notebook") -> NotebookNode:
     """The student version of a solution notebook (the input is not modified)."""
     return _exercise(nb, _plan(nb, name))
@@ -613,7 +717,7 @@ def generate(
             pending.append((target, text))
     if not check_only:
         for path, text in pending:
-            atomic_write_text(path, text)
+            atomic_write(path, text)
     return [path for path, _ in pending]
 
 
@@ -626,21 +730,17 @@ def execute_in_place(path: str | os.PathLike, *, timeout: float = 600) -> None:
     """
     from nbclient import NotebookClient
 
+    from ..modes import FULL_ENV  # here, not at the top: dgmlab.modes loads torch
+
     path = Path(path)
     nb = read_notebook(path)
-    saved = os.environ.get("DGMLAB_FULL")
-    os.environ["DGMLAB_FULL"] = "0"  # the kernel inherits the environment
     try:
         NotebookClient(nb, kernel_name="python3", timeout=timeout, allow_errors=False,
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+                       resources={"metadata": {"path": str(path.parent)}}
+                       ).execute(env={**os.environ, FULL_ENV: "0"})  # the kernel's environment
     except Exception as err:
         raise NotebookError(f"{path} failed to run, so it was left unchanged: {err}") from err
-    finally:
-        if saved is None:
-            os.environ.pop("DGMLAB_FULL", None)
-        else:
-            os.environ["DGMLAB_FULL"] = saved
     for cell in nb.cells:
         for key in _TIMING_KEYS:
             cell.metadata.pop(key, None)
-    atomic_write_text(path, notebook_text(nb))
+    atomic_write(path, notebook_text(nb))
