@@ -9,6 +9,10 @@
   nbval's ``--nbval-lax`` is a global switch, so the per-folder choice is made
   here, exactly as ``--nbval-lax`` would: a cell keeps output checking only if
   it is marked ``# NBVAL_CHECK_OUTPUT``.
+* Every kernel the tests start (nbval's, and nbclient's) talks over Unix
+  sockets, and nbval's is started again if it dies at start: with two workers
+  starting kernels side by side, TCP ports can collide (see
+  ``dgmlab/grading/kernels.py``).
 """
 
 import os
@@ -25,6 +29,27 @@ if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 LAX_FOLDERS = (Path(__file__).parent / "book",)
+
+
+def _kernels_over_unix_sockets() -> None:
+    import nbclient
+    import nbval.kernel
+
+    from dgmlab.grading import kernels
+
+    nbval.kernel.KernelManager = kernels.over_unix_sockets(nbval.kernel.KernelManager)
+    nbval.kernel.start_new_kernel = kernels.retried(nbval.kernel.start_new_kernel)
+    create = nbclient.NotebookClient.create_kernel_manager
+
+    def create_kernel_manager(self):
+        km = create(self)
+        kernels.use_unix_sockets(km, kernels.socket_folder())
+        return km
+
+    nbclient.NotebookClient.create_kernel_manager = create_kernel_manager
+
+
+_kernels_over_unix_sockets()
 
 
 def pytest_collection_modifyitems(config, items):

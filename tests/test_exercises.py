@@ -158,11 +158,12 @@ def test_grading_a_class_of_real_submissions(tmp_path):
     elapsed = time.monotonic() - start
 
     points = {name: {q.question: q.points for q in r.questions} for name, r in results.items()}
-    assert points["ada"] == full
-    assert points["bob"] == {q: 0 for q in full}
+    notes = {name: r.notes for name, r in results.items()}  # shown when an assertion fails
+    assert points["ada"] == full, notes["ada"]
+    assert points["bob"] == {q: 0 for q in full}, notes["bob"]
     assert all(q.status == "not_attempted" for q in results["bob"].questions)
-    assert points["cyd"] == {**full, raising_q: 0}
-    assert points["dee"] == {**full, looping_q: 0}
+    assert points["cyd"] == {**full, raising_q: 0}, notes["cyd"]
+    assert points["dee"] == {**full, looping_q: 0}, notes["dee"]
     assert points["eve"] == {q: 0 for q in full} and "not a Jupyter notebook" in " ".join(results["eve"].notes)
     assert elapsed < 200, f"grading took {elapsed:.0f} s"
 

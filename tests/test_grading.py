@@ -708,6 +708,122 @@ def test_grading_is_bounded_in_time_and_leaves_no_processes(graded):
     assert list(graded["scratch"].iterdir()) == []
 
 
+def test_the_worker_kernel_talks_over_unix_sockets_in_its_own_folder(tmp_path):
+    from nbclient import NotebookClient
+
+    from dgmlab.grading import _worker
+
+    nb = new_notebook(cells=[new_code_cell("print(6 * 7)")])
+    client = NotebookClient(nb, kernel_name="python3", timeout=30, startup_timeout=60)
+    events = _worker._Events(str(tmp_path / "events.jsonl"))
+    try:
+        _worker.start_kernel(client, events, sockets=tmp_path / "sockets")
+        client.execute_cell(nb.cells[0], 0)
+        info = client.km.get_connection_info()
+        sockets = sorted(p.name for p in (tmp_path / "sockets").iterdir())
+    finally:
+        client._cleanup_kernel()
+    assert nb.cells[0].outputs[0]["text"] == "42\n"
+    assert info["transport"] == "ipc" and info["ip"] == str(tmp_path / "sockets" / "kernel")
+    assert sockets == sorted(f"kernel-{info[k]}" for k in
+                             ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"))
+    started = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in started] == ["kernel"] and started[0]["pid"] > 0
+
+
+def test_kernels_in_this_test_suite_use_unix_sockets():
+    # conftest.py makes nbval's and nbclient's kernel managers use sockets, and
+    # nbval start a kernel again if it dies at start (parallel workers, TCP race).
+    import nbval.kernel
+    from nbclient import NotebookClient
+
+    assert NotebookClient(new_notebook(), kernel_name="python3").create_kernel_manager().transport == "ipc"
+    km, kc = nbval.kernel.start_new_kernel(kernel_name=nbval.kernel.CURRENT_ENV_KERNEL_NAME)
+    try:
+        reply = kc.execute_interactive("x = 6 * 7", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        assert km.transport == "ipc" and Path(km.ip).parent.name.startswith("dgk-")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_a_kernel_start_is_retried_only_as_often_as_asked():
+    from dgmlab.grading import kernels
+
+    calls = []
+
+    def dies_twice(name):
+        calls.append(name)
+        if len(calls) <= 2:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        return "kernel " + name
+
+    assert kernels.retried(dies_twice, attempts=3)("python3") == "kernel python3"
+    assert calls == ["python3"] * 3
+    calls.clear()
+    with pytest.raises(RuntimeError, match="Kernel died"):
+        kernels.retried(dies_twice, attempts=2)("python3")
+    assert len(calls) == 2
+
+
+def test_the_worker_falls_back_to_tcp_when_a_socket_path_would_be_too_long(tmp_path):
+    from jupyter_client import KernelManager
+
+    from dgmlab.grading import kernels
+
+    km = KernelManager(kernel_name="python3")
+    assert not kernels.use_unix_sockets(km, tmp_path / ("x" * 100))
+    assert km.transport == "tcp"
+
+
+class _FlakyClient:
+    """Stands in for an nbclient client whose kernel dies at start ``failures`` times."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.starts, self.cleanups = failures, 0, 0
+        self.km = None
+
+    def create_kernel_manager(self):
+        return type("KM", (), {"provisioner": type("P", (), {"pid": 4242})()})()
+
+    def start_new_kernel(self) -> None:
+        self.starts += 1
+
+    def start_new_kernel_client(self) -> None:
+        if self.starts <= self.failures:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+
+    def _cleanup_kernel(self) -> None:
+        self.cleanups += 1
+
+
+def test_a_kernel_that_dies_at_start_is_started_again(tmp_path):
+    from dgmlab.grading import _worker
+
+    log = tmp_path / "events.jsonl"
+    client = _FlakyClient(failures=2)
+    _worker.start_kernel(client, _worker._Events(str(log)), attempts=3)
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events == ["kernel", "restart", "kernel", "restart", "kernel"]
+    assert (client.starts, client.cleanups) == (3, 2)
+
+    with pytest.raises(RuntimeError, match="Kernel died"):
+        _worker.start_kernel(_FlakyClient(failures=3), _worker._Events(str(tmp_path / "e2")), attempts=3)
+
+
+def test_every_kernel_a_worker_reported_is_killed(tmp_path):
+    from dgmlab.grading import grader
+
+    events = tmp_path / "events.jsonl"
+    kernels = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                start_new_session=True) for _ in range(2)]
+    events.write_text("".join(json.dumps({"event": "kernel", "pid": k.pid}) + "\n" for k in kernels))
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    grader._stop_worker(worker, events)
+    assert [k.wait(timeout=5) for k in kernels] == [-9, -9]
+
+
 def test_cli_grades_and_generates(tmp_path, capsys):
     solution = solution_nb(*ASSIGNMENT)
     write(solution, tmp_path / "solutions" / "assignment.ipynb")

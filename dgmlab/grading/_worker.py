@@ -13,6 +13,10 @@ output, no execution count, the cell's own source and line numbers untouched --
 so that ``check``, ``expect_*`` and the setup cell's imports are the real ones
 again, whatever a student's cell bound to those names. A student who changes
 the dgmlab modules themselves (``feedback.expect_close = ...``) is not stopped.
+
+The kernel talks to the worker over Unix sockets in the submission's own
+scratch folder where it can (:mod:`.kernels` says why), and a kernel that
+fails to start is started again.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from nbclient.exceptions import DeadKernelError
 
 from ..files import atomic_write
 from .feedback import LOG_ENV
+from .kernels import START_ATTEMPTS, use_unix_sockets
 from .notebooks import notebook_text
 
 
@@ -108,6 +113,32 @@ def _run_cells(client: NotebookClient, nb, request: dict, events: _Events, log: 
         atomic_write(request["executed"], notebook_text(nb))
 
 
+def start_kernel(client: NotebookClient, events: _Events, sockets: Path | None = None,
+                 attempts: int = START_ATTEMPTS) -> None:
+    """Start a kernel (over Unix sockets in ``sockets`` if given) and its client, retrying if it dies at start.
+
+    Every kernel's pid is reported before anything can hang, so that the grader
+    can always kill it.
+    """
+    for attempt in range(1, attempts + 1):
+        client.km = client.create_kernel_manager()
+        if sockets is not None:
+            use_unix_sockets(client.km, sockets)
+        try:
+            client.start_new_kernel()
+            events.emit("kernel", pid=getattr(client.km.provisioner, "pid", None))
+            client.start_new_kernel_client()
+            return
+        except Exception as err:
+            if attempt == attempts:
+                raise
+            events.emit("restart", attempt=attempt, error=f"{type(err).__name__}: {err}")
+            try:
+                client._cleanup_kernel()
+            except Exception:
+                pass  # the grader kills every reported kernel's process group anyway
+
+
 def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     events = _Events(request["events"])
@@ -123,12 +154,8 @@ def main(argv: list[str]) -> int:
         record_timing=False,
         resources={"metadata": {"path": request["workdir"]}},
     )
-    client.km = client.create_kernel_manager()
     try:
-        client.start_new_kernel()
-        # Reported before anything can hang, so the grader can always kill the kernel.
-        events.emit("kernel", pid=getattr(client.km.provisioner, "pid", None))
-        client.start_new_kernel_client()
+        start_kernel(client, events, sockets=Path(request["workdir"]).parent / "sockets")
         _run_cells(client, nb, request, events, _Log(os.environ[LOG_ENV]))
     except Exception as err:  # report, never hide: the grader turns this into a note
         events.emit("crash", error=f"{type(err).__name__}: {err}")

@@ -310,19 +310,22 @@ def _wait_gone(pid: int | None, limit: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def _kernel_pid(events: list[dict]) -> int | None:
-    return next((e["pid"] for e in events if e["event"] == "kernel"), None)
+def _kernel_pids(events: list[dict]) -> list[int]:
+    """Every kernel the worker started (more than one if a start had to be retried)."""
+    return [e["pid"] for e in events if e["event"] == "kernel" and e.get("pid") is not None]
 
 
 def _stop_worker(proc: subprocess.Popen, events_path: Path) -> None:
-    """Kill a worker's process group, then its kernel's, and wait until both are gone."""
+    """Kill a worker's process group, then its kernels', and wait until all are gone."""
     _kill_group(proc.pid)
     if not hasattr(os, "killpg"):
         proc.kill()
     proc.wait()
-    kernel = _kernel_pid(_read_events(events_path))
-    _kill_group(kernel)
-    _wait_gone(kernel)
+    kernels = _kernel_pids(_read_events(events_path))
+    for kernel in kernels:
+        _kill_group(kernel)
+    for kernel in kernels:
+        _wait_gone(kernel)
 
 
 class _Running:
