@@ -147,7 +147,7 @@ def _fit_timed(model, train, val, *, epochs: int, budget: float, **settings):
     return model, history
 
 
-@benchmark("autoregressive", "MADE and PixelCNN on the digits, 60 s of CPU training each, against the baselines")
+@benchmark("autoregressive", "MADE and PixelCNN on the digits, at most 60 s of CPU training each, against the baselines")
 def _autoregressive() -> list[dict]:
     from . import autoregressive as A
     from . import baselines as B
@@ -192,7 +192,7 @@ def _autoregressive_mnist() -> list[dict]:
                 samples=20)]
 
 
-@benchmark("flows", "MAF and RealNVP on the 17-level digits, 60 s of CPU training each, two dequantizations")
+@benchmark("flows", "MAF and RealNVP on the 17-level digits, at most 60 s of CPU training each, two dequantizations")
 def _flows() -> list[dict]:
     from . import baselines as B
     from . import data
