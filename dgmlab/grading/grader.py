@@ -365,6 +365,7 @@ def _run_worker(
     request = {
         "notebook": str(scratch / "submission.ipynb"), "events": str(events_path),
         "executed": str(scratch / "executed.ipynb"), "workdir": str(work),
+        "sockets": str(scratch / "sockets"),
         "cell_timeout": settings.cell_timeout, "startup_timeout": min(60, settings.timeout),
         "tests": {str(k): v for k, v in prepared.tests.items()}, "guard": prepared.guard,
     }
