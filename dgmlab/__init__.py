@@ -3,8 +3,8 @@
 Modules, by topic (imported on first use, so ``import dgmlab`` stays fast):
 
 * :mod:`dgmlab.base`      -- the shared model API (``log_prob``, ``sample``, ``loss``)
-* :mod:`dgmlab.data`      -- the embedded digits and 2-D toy densities
-* :mod:`dgmlab.datasets`  -- MNIST, Fashion-MNIST and CIFAR-10 from their canonical files
+* :mod:`dgmlab.embedded` -- data that ship with the code: the 8x8 digits, 2-D toy densities
+* :mod:`dgmlab.datasets` -- data read from downloaded files: MNIST, Fashion-MNIST, CIFAR-10
 * :mod:`dgmlab.train`     -- one training loop for every chapter
 * :mod:`dgmlab.metrics`   -- nats, bits per dimension, held-out NLL
 * :mod:`dgmlab.viz`       -- image grids, density maps, scatters, curves
@@ -26,8 +26,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "base", "data", "datasets", "train", "metrics", "viz", "modes", "grading",
-    "validate", "baselines", "classifiers", "tricks", "bench", "divergences", "interactive",
+    "base", "embedded", "datasets", "train", "metrics", "viz", "modes", "grading",
+    "validate", "baselines", "classifiers", "probability", "bench", "divergences", "interactive",
     "autoregressive", "flows", "files",
 }
 

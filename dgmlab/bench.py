@@ -107,11 +107,11 @@ def run(name: str, out_dir: Path | None = RESULTS_DIR) -> list[dict]:
 @benchmark("baselines", "the classical baselines every model in the course has to beat")
 def _baselines() -> list[dict]:
     from . import baselines as B
-    from . import data, datasets
+    from . import datasets, embedded
 
     rows = []
-    xb, xb_test = (data.digits(s, "binary", flatten=True).x for s in ("train", "test"))
-    xl, xl_test = (data.digits(s, "levels", flatten=True).x for s in ("train", "test"))
+    xb, xb_test = (embedded.digits(s, "binary", flatten=True).x for s in ("train", "test"))
+    xl, xl_test = (embedded.digits(s, "levels", flatten=True).x for s in ("train", "test"))
     rows.append(measure("digits, binary", "independent pixels",
                         lambda: B.IndependentBernoulli.from_data(xb, alpha=1.0), xb_test))
     rows.append(measure("digits, binary", "Markov chain (raster order)",
@@ -121,8 +121,8 @@ def _baselines() -> list[dict]:
     rows.append(measure("digits, 17 levels", "Markov chain (raster order)",
                         lambda: B.MarkovChain.from_data(xl, 17, alpha=0.5), xl_test))
     try:  # binarized MNIST, when its canonical files can be found
-        train = data.bernoulli_binarize(datasets.load_mnist("train", download=False)[0], seed=0)
-        test = data.bernoulli_binarize(datasets.load_mnist("test", download=False)[0], seed=1)
+        train = embedded.bernoulli_binarize(datasets.load_mnist("train", download=False)[0], seed=0)
+        test = embedded.bernoulli_binarize(datasets.load_mnist("test", download=False)[0], seed=1)
     except (datasets.DataNotFoundError, datasets.CorruptDataError) as err:
         print(f"(binarized MNIST skipped: {str(err).splitlines()[0]})", file=sys.stderr)
         return rows
@@ -151,10 +151,10 @@ def _fit_timed(model, train, val, *, epochs: int, budget: float, **settings):
 def _autoregressive() -> list[dict]:
     from . import autoregressive as A
     from . import baselines as B
-    from . import data
+    from . import embedded
 
-    xb, xb_val, xb_test = (data.digits(s, "binary", flatten=True).x for s in ("train", "val", "test"))
-    xl, xl_val, xl_test = (data.digits(s, "levels").x for s in ("train", "val", "test"))
+    xb, xb_val, xb_test = (embedded.digits(s, "binary", flatten=True).x for s in ("train", "val", "test"))
+    xl, xl_val, xl_test = (embedded.digits(s, "levels").x for s in ("train", "val", "test"))
     rows = [
         measure("digits, binary", "independent pixels", lambda: B.IndependentBernoulli.from_data(xb, alpha=1.0),
                 xb_test),
@@ -195,10 +195,10 @@ def _autoregressive_mnist() -> list[dict]:
 @benchmark("flows", "MAF and RealNVP on the 17-level digits, at most 60 s of CPU training each, two dequantizations")
 def _flows() -> list[dict]:
     from . import baselines as B
-    from . import data
+    from . import embedded
     from . import flows as F
 
-    xl, xl_val, xl_test = (data.digits(s).x for s in ("train", "val", "test"))
+    xl, xl_val, xl_test = (embedded.digits(s).x for s in ("train", "val", "test"))
     flat = [x.reshape(len(x), -1) for x in (xl, xl_val, xl_test)]
 
     def maf(variational: bool):

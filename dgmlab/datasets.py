@@ -987,7 +987,7 @@ def binarized_mnist(split: str = "train", root: str | os.PathLike | None = None,
     the training file, 1 for the test file) make the binary data identical on
     every machine. Returns float32 0/1 images (N, 1, 28, 28).
     """
-    from .data import bernoulli_binarize
+    from .embedded import bernoulli_binarize
 
     check_choice(split, "split", ("train", "val", "test"))
     validation = check_positive_int(validation, "validation")  # checked for "test" too

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .tricks import MCEstimate, mc_estimate
+from .probability import MCEstimate, mc_estimate
 from .validate import check_choice, check_positive_int, check_tensor
 
 __all__ = [
-    "Generator",
+    "FGenerator",
     "GENERATORS",
-    "generator",
+    "f_generator",
     "f_divergence",
     "closed_form",
     "f_divergence_grid",
@@ -54,8 +54,8 @@ LOG2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
-class Generator:
-    """A generator f of an f-divergence, with what is needed at the edges of its domain.
+class FGenerator:
+    """The generator f of an f-divergence (not a sampler, nor a GAN's generator), with its edge limits.
 
     ``f`` maps ratios u > 0 (a float64 tensor) to f(u); ``f0`` is lim_{u→0⁺} f(u)
     and ``slope_at_infinity`` is lim_{u→∞} f(u)/u (either may be ``inf``).
@@ -76,26 +76,26 @@ class Generator:
         return self.f(torch.as_tensor(u, dtype=torch.float64))
 
 
-GENERATORS: dict[str, Generator] = {
+GENERATORS: dict[str, FGenerator] = {
     g.name: g
     for g in (
-        Generator("kl", "Kullback–Leibler", lambda u: torch.special.xlogy(u, u), 0.0, math.inf,
+        FGenerator("kl", "Kullback–Leibler", lambda u: torch.special.xlogy(u, u), 0.0, math.inf,
                   r"u \log u", r"\int \pi \log \frac{\pi}{p}"),
-        Generator("reverse_kl", "reverse KL", lambda u: -torch.log(u), math.inf, 0.0,
+        FGenerator("reverse_kl", "reverse KL", lambda u: -torch.log(u), math.inf, 0.0,
                   r"-\log u", r"\int p \log \frac{p}{\pi}"),
-        Generator("pearson", "Pearson χ²", lambda u: (u - 1) ** 2, 1.0, math.inf,
+        FGenerator("pearson", "Pearson χ²", lambda u: (u - 1) ** 2, 1.0, math.inf,
                   r"(u - 1)^2", r"\int \frac{(\pi - p)^2}{p}"),
-        Generator("hellinger", "squared Hellinger", lambda u: (torch.sqrt(u) - 1) ** 2, 1.0, 1.0,
+        FGenerator("hellinger", "squared Hellinger", lambda u: (torch.sqrt(u) - 1) ** 2, 1.0, 1.0,
                   r"(\sqrt{u} - 1)^2", r"\int (\sqrt{\pi} - \sqrt{p})^2"),
         # The ½ makes D_f the Jensen–Shannon divergence itself; without it (as
         # in some tables) the same formula gives 2·JSD.
-        Generator("js", "Jensen–Shannon",
+        FGenerator("js", "Jensen–Shannon",
                   lambda u: 0.5 * (torch.special.xlogy(u, u) - (u + 1) * torch.log((u + 1) / 2)), LOG2 / 2, LOG2 / 2,
                   r"\tfrac12\left[u \log u - (u + 1) \log \tfrac{u + 1}{2}\right]",
                   r"\tfrac12 \int \pi \log \frac{2\pi}{\pi + p} + p \log \frac{2p}{\pi + p}"),
         # u log u − (u + 1) log(u + 1) rewritten as −u log(1 + 1/u) − log(1 + u): the
         # same f, but without the cancellation that ruins it for large u.
-        Generator("gan", "GAN", lambda u: -torch.special.xlog1py(u, 1 / u) - torch.log1p(u), 0.0, 0.0,
+        FGenerator("gan", "GAN", lambda u: -torch.special.xlog1py(u, 1 / u) - torch.log1p(u), 0.0, 0.0,
                   r"u \log u - (u + 1) \log (u + 1)",
                   r"\int \pi \log \frac{2\pi}{\pi + p} + p \log \frac{2p}{\pi + p} - \log 4",
                   offset=-2 * LOG2),
@@ -103,9 +103,9 @@ GENERATORS: dict[str, Generator] = {
 }
 
 
-def generator(name: str | Generator) -> Generator:
+def f_generator(name: str | FGenerator) -> FGenerator:
     """Look up a generator by name (``"kl"``, ``"reverse_kl"``, ``"pearson"``, ``"hellinger"``, ``"js"``, ``"gan"``)."""
-    if isinstance(name, Generator):
+    if isinstance(name, FGenerator):
         return name
     check_choice(name, "generator", tuple(GENERATORS))
     return GENERATORS[name]
@@ -132,7 +132,7 @@ def _check_pair(pi, p):
     return pi, p
 
 
-def _pointwise(g: Generator, pi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def _pointwise(g: FGenerator, pi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """p · f(π/p) at every point, with the limits where π or p vanish (float64)."""
     both = (p > 0) & (pi > 0)
     ratio = torch.where(both, pi / torch.where(both, p, 1.0), 1.0)
@@ -146,23 +146,23 @@ def _pointwise(g: Generator, pi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.where(((p == 0) & (pi > 0)) | overflow, pi * g.slope_at_infinity, out)
 
 
-def f_divergence(gen: str | Generator, pi, p) -> torch.Tensor:
+def f_divergence(gen: str | FGenerator, pi, p) -> torch.Tensor:
     """D_f(π ‖ p) = Σ_x p(x) f(π(x)/p(x)) for discrete distributions over the last axis.
 
     ``pi`` and ``p`` have the same shape ``(..., K)``; returns shape ``(...)``
     (float64). Infinite where the divergence is infinite.
     """
-    g = generator(gen)
+    g = f_generator(gen)
     pi, p = _check_pair(pi, p)
     return _pointwise(g, pi, p).sum(-1)
 
 
-def closed_form(gen: str | Generator, pi, p) -> torch.Tensor:
+def closed_form(gen: str | FGenerator, pi, p) -> torch.Tensor:
     """The table's closed form of each divergence, written directly in π and p (discrete, last axis).
 
     Implemented without the generator, so that :func:`f_divergence` can be checked against it.
     """
-    g = generator(gen)
+    g = f_generator(gen)
     pi, p = _check_pair(pi, p)
     m = (pi + p) / 2
 
@@ -197,7 +197,7 @@ def grid_1d(lo: float, hi: float, n: int = 4001) -> tuple[torch.Tensor, float]:
     return x, (hi - lo) / (n - 1)
 
 
-def f_divergence_grid(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.Tensor,
+def f_divergence_grid(gen: str | FGenerator, log_pi: torch.Tensor, log_p: torch.Tensor,
                       cell: float) -> torch.Tensor:
     """D_f(π ‖ p) by numeric integration: densities given as log-values on a regular grid.
 
@@ -208,7 +208,7 @@ def f_divergence_grid(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.T
     1e−304): such points contribute nothing measurable, whereas letting them
     underflow to an exact 0 could make a finite divergence look infinite.
     """
-    g = generator(gen)
+    g = f_generator(gen)
     log_pi = check_tensor(log_pi, "log_pi", kind="float").double()
     log_p = check_tensor(log_p, "log_p", shape=tuple(log_pi.shape), kind="float").double()
     if cell <= 0:
@@ -221,7 +221,7 @@ def f_divergence_grid(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.T
 
 
 # ---------------------------------------------------------------------------- Monte Carlo
-def mc_f_divergence(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.Tensor) -> MCEstimate:
+def mc_f_divergence(gen: str | FGenerator, log_pi: torch.Tensor, log_p: torch.Tensor) -> MCEstimate:
     """Monte-Carlo D_f(π ‖ p) = E_p f(π/p) from samples x_i ~ p: pass log π(x_i) and log p(x_i), shape (n,).
 
     Where π/p underflows to 0, f(π/p) is read as f(0⁺); where it overflows
@@ -229,7 +229,7 @@ def mc_f_divergence(gen: str | Generator, log_pi: torch.Tensor, log_p: torch.Ten
     ±inf by the sign of ``slope_at_infinity``, and −inf when that slope is 0
     (such a convex f never increases; reverse KL and GAN tend to −inf). Never NaN.
     """
-    g = generator(gen)
+    g = f_generator(gen)
     log_pi = check_tensor(log_pi, "log_pi", ndim=1, kind="float").double()
     log_p = check_tensor(log_p, "log_p", shape=(len(log_pi),), kind="float").double()
     if not torch.isfinite(log_p).all():

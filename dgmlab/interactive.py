@@ -53,7 +53,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .files import atomic_write
-from . import viz  # noqa: F401  (importing it applies the course style to every frame)
 from .validate import check_choice, check_positive_int
 
 __all__ = ["figure", "InteractiveFigure", "MAX_FRAMES", "WIDGET_VIEW_MIMETYPE"]

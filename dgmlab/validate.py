@@ -98,7 +98,7 @@ def check_tensor(
         raise ValueError(f"{name} contains NaN or infinite values.")
     if whole and x.is_floating_point() and not torch.equal(x, x.round()):
         raise ValueError(f"{name} should hold whole numbers (integer levels, not rescaled values), "
-                         "e.g. data.digits(...).x rather than its [0, 1] version.")
+                         "e.g. embedded.digits(...).x rather than its [0, 1] version.")
     if x.numel() and (min is not None or max is not None):
         lo, hi = x.min().item(), x.max().item()
         if (min is not None and lo < min) or (max is not None and hi > max):

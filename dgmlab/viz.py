@@ -1,7 +1,7 @@
 """Plots in one consistent style: image grids, 2-D densities, samples, curves.
 
-Importing this module applies the course style (:data:`STYLE`) to matplotlib.
-Every function draws on a given ``ax`` (or a fresh one), labels what it draws,
+Importing this module changes nothing in matplotlib: a notebook opts in to the
+course style (:data:`STYLE`) with :func:`use_style`. Every function draws on a given ``ax`` (or a fresh one), labels what it draws,
 and returns the axes so cells can add to them.
 """
 
@@ -50,11 +50,8 @@ STYLE = {
 
 
 def use_style() -> None:
-    """Apply the course style to matplotlib (done on import)."""
+    """Apply the course style to matplotlib, for the rest of the session (a notebook's first cell)."""
     mpl.rcParams.update(STYLE)
-
-
-use_style()
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, size: float = 3.0, **kwargs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dgmlab import autoregressive as A
-from dgmlab import baselines, data, metrics, train
+from dgmlab import baselines, embedded, metrics, train
 
 
 def before(image_shape, i, j, color):
@@ -265,7 +265,7 @@ def test_completion_keeps_the_given_pixels():
 def test_made_learns_the_binarised_digits():
     """A short run beats the independent-pixel baseline on held-out digits (learning works)."""
     torch.manual_seed(0)
-    x, xv, xt = (data.digits(s, "binary", flatten=True).x for s in ("train", "val", "test"))
+    x, xv, xt = (embedded.digits(s, "binary", flatten=True).x for s in ("train", "val", "test"))
     made = A.MADE(64, (256,), num_masks=4)
     train.fit(made, x, xv, epochs=25, batch_size=64, lr=2e-3, progress=False)
     independent = baselines.IndependentBernoulli.from_data(x, alpha=1.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dgmlab import baselines as B
-from dgmlab import data, train
+from dgmlab import embedded, train
 
 
 def all_configurations(m, k=2):
@@ -43,7 +43,7 @@ def test_c1_categorical_mle_is_the_empirical_frequency():
 
 def test_c1_gradient_descent_reaches_the_frequencies():
     """Fitting by the shared training loop lands on the closed-form MLE."""
-    x = data.digits("train", "binary", flatten=True).x[:, 25:31]  # row 3: 0 < θ̂ < 1
+    x = embedded.digits("train", "binary", flatten=True).x[:, 25:31]  # row 3: 0 < θ̂ < 1
     model = B.IndependentBernoulli(6)
     train.fit(model, x, epochs=300, batch_size=len(x), lr=0.1, progress=False)
     assert torch.allclose(model.probs.double(), B.bernoulli_mle(x), atol=2e-3)
@@ -75,20 +75,20 @@ def test_c2_models_store_exactly_the_counted_parameters(m, k):
 
 def test_c2_chain_rule_alone_does_not_reduce_the_count():
     """The conditionals p(x_j | x_<j) of any joint hold exactly k^m − 1 free numbers."""
-    from dgmlab import tricks
+    from dgmlab import probability
 
     m, k = 5, 2
     joint = torch.rand((k,) * m, generator=torch.Generator().manual_seed(2)).double()
     joint /= joint.sum()
-    factors = tricks.chain_rule_factors(joint)
+    factors = probability.chain_rule_factors(joint)
     free = sum(f[..., 0].numel() * (k - 1) for f in factors)  # rows × (k − 1) free entries each
     assert free == B.parameter_count("chain_rule", m, k) == B.parameter_count("full", m, k) == 31
-    assert torch.allclose(tricks.joint_from_factors(factors), joint)
+    assert torch.allclose(probability.joint_from_factors(factors), joint)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_c2_every_model_is_a_distribution(alpha):
-    x = data.digits("train", "binary", flatten=True).x[:, 26:33]  # 7 central pixels
+    x = embedded.digits("train", "binary", flatten=True).x[:, 26:33]  # 7 central pixels
     configs = all_configurations(7).float()
     for model in (B.Histogram.from_data(x, 2, alpha), B.MarkovChain.from_data(x, 2, alpha),
                   B.IndependentBernoulli.from_data(x, alpha)):
@@ -110,7 +110,7 @@ def test_c2_markov_chain_mle_matches_transition_frequencies():
 
 
 def test_c2_samples_reproduce_the_fitted_marginals():
-    x = data.digits("train", "binary", flatten=True).x
+    x = embedded.digits("train", "binary", flatten=True).x
     torch.manual_seed(0)
     for model in (B.IndependentBernoulli.from_data(x, 0.5), B.MarkovChain.from_data(x, 2, 0.5)):
         s = model.sample(4000).reshape(4000, -1)
@@ -121,7 +121,7 @@ def test_c2_samples_reproduce_the_fitted_marginals():
 
 # --------------------------------------------------------------------------- C3
 def test_c3_bins_grow_exponentially_and_so_do_empty_ones():
-    x, xt = (data.digits(s, "levels", flatten=True).x for s in ("train", "test"))
+    x, xt = (embedded.digits(s, "levels", flatten=True).x for s in ("train", "test"))
     study = B.curse_of_dimensionality(x, xt, [1, 2, 3, 4, 5], k=17)
     assert study["bins"] == [17, 289, 4913, 83521, 1419857]
     unseen = study["unseen"]
@@ -133,7 +133,7 @@ def test_c3_bins_grow_exponentially_and_so_do_empty_ones():
 
 
 def test_c3_heldout_likelihood_collapses_as_dimension_grows():
-    x, xt = (data.digits(s, "levels", flatten=True).x for s in ("train", "test"))
+    x, xt = (embedded.digits(s, "levels", flatten=True).x for s in ("train", "test"))
     study = B.curse_of_dimensionality(x, xt, [1, 2, 3, 4, 5], k=17, alpha=0.5)
     # one variable: the histogram *is* the independent model
     assert study["hist_test"][0] == pytest.approx(study["independent_test"][0], rel=1e-6)

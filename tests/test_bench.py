@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from dgmlab import baselines, bench, data, metrics
+from dgmlab import baselines, bench, embedded, metrics
 
 
 def test_baselines_benchmark_rows_match_a_direct_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("DGMLAB_DATA", str(tmp_path / "nothing-here"))  # no MNIST: digits rows only
     rows = bench.run("baselines", out_dir=tmp_path)
     assert [r["data"] for r in rows] == ["digits, binary"] * 2 + ["digits, 17 levels"] * 2
-    xb, xb_test = (data.digits(s, "binary", flatten=True).x for s in ("train", "test"))
+    xb, xb_test = (embedded.digits(s, "binary", flatten=True).x for s in ("train", "test"))
     direct = metrics.heldout_nll(baselines.IndependentBernoulli.from_data(xb, alpha=1.0), xb_test)
     assert rows[0]["nll_nats"] == pytest.approx(direct.nats)
     assert rows[0]["parameters"] == 64 and rows[3]["parameters"] == baselines.parameter_count("markov", 64, 17)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from dgmlab import classifiers as C
-from dgmlab import data
+from dgmlab import embedded
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return {s: data.digits(s, "unit", flatten=True) for s in ("train", "val", "test")}
+    return {s: embedded.digits(s, "unit", flatten=True) for s in ("train", "val", "test")}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from dgmlab import data, divergences
+from dgmlab import embedded, divergences
 from dgmlab import flows as F
 
 torch.manual_seed(0)
@@ -190,7 +190,7 @@ def test_c15_the_jacobian_is_triangular(name):
 def test_c16_kl_duality_in_data_space_and_in_noise_space():
     torch.manual_seed(5)
     flow = randomise(F.realnvp_2d(layers=4, hidden=16), scale=0.15)
-    target = data.toy_density("two_gaussians")
+    target = embedded.toy_density("two_gaussians")
     grid = torch.linspace(-9, 9, 361)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     pts = torch.stack([gx.flatten(), gy.flatten()], 1)
@@ -291,7 +291,7 @@ def test_c19_maf_density_is_one_pass_and_sampling_d_passes_iaf_the_reverse(d):
 # ---------------------------------------------------------------------------- behaviour
 def test_flow_model_api_and_shapes():
     flow = F.realnvp_image((1, 8, 8), levels=17, scales=2, steps=1, hidden=8)
-    y = data.digits("train").x[:6]
+    y = embedded.digits("train").x[:6]
     model = F.UniformDequantization(flow, 17)
     assert model.log_prob_is_bound and model.log_prob(y).shape == (6,)
     s = model.sample(3)

@@ -7,7 +7,7 @@ import torch
 
 from torch import nn
 
-from dgmlab import baselines, data, metrics
+from dgmlab import baselines, embedded, metrics
 from dgmlab.base import GenerativeModel, module_device
 
 
@@ -26,8 +26,8 @@ def test_bits_per_dim_conversions():
 
 
 def test_heldout_nll_matches_a_direct_computation():
-    x = data.digits("train", "binary", flatten=True).x
-    xt = data.digits("test", "binary", flatten=True).x
+    x = embedded.digits("train", "binary", flatten=True).x
+    xt = embedded.digits("test", "binary", flatten=True).x
     model = baselines.IndependentBernoulli.from_data(x, alpha=1.0)
     model.train()
     res = metrics.heldout_nll(model, xt, batch_size=50)

@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dgmlab import data, viz  # noqa: E402
+from dgmlab import embedded, viz  # noqa: E402
 from dgmlab.train import History  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def test_image_grid_refuses_bad_shapes():
 
 
 def test_density_heatmap_shows_the_density():
-    toy = data.toy_density("two_gaussians")
+    toy = embedded.toy_density("two_gaussians")
     ax = viz.density_heatmap(toy, toy.extent, resolution=64)
     img = ax.images[0].get_array()
     xs, ys, lp = viz.density_grid(toy.log_prob, toy.extent, 64)
@@ -66,3 +66,15 @@ def test_scatter_and_training_curves():
     assert list(ax.get_lines()[1].get_ydata()) == [3.1, 2.5, 2.6]
     with pytest.raises(ValueError, match="no epochs"):
         viz.training_curves({"train_loss": []})
+
+
+def test_importing_viz_leaves_matplotlib_alone_until_a_notebook_opts_in():
+    import subprocess
+    import sys
+
+    probe = ("import matplotlib as mpl; before = dict(mpl.rcParams); "
+             "import dgmlab.viz, dgmlab.interactive; "
+             "print(sorted(k for k in before if before[k] != mpl.rcParams[k])); "
+             "dgmlab.viz.use_style(); print(mpl.rcParams['axes.spines.top'])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "False"]

@@ -1,4 +1,4 @@
-"""The course's probability tricks, each one checkable by Monte Carlo (claim C5).
+"""The course's tricks of probability, each one checkable by Monte Carlo (claim C5).
 
 * Monte-Carlo estimation: E_p f(x) ≈ (1/n) Σ f(x_i), with an error that shrinks
   like 1/√n (:func:`mc_estimate`, :func:`mc_error_curve`).

@@ -3,53 +3,53 @@
 import pytest
 import torch
 
-from dgmlab import data
+from dgmlab import embedded
 
 
 def test_digit_splits_are_fixed_disjoint_and_balanced():
-    sizes = {s: len(data.digits(s).x) for s in ("train", "val", "test")}
-    assert sizes == data.SPLIT_SIZES == {"train": 1199, "val": 299, "test": 299}
-    full = data.digits("all", flatten=True).x
+    sizes = {s: len(embedded.digits(s).x) for s in ("train", "val", "test")}
+    assert sizes == embedded.SPLIT_SIZES == {"train": 1199, "val": 299, "test": 299}
+    full = embedded.digits("all", flatten=True).x
     assert len(full) == 1797
     # the splits partition the data set (rows compared as whole images)
-    parts = torch.cat([data.digits(s, flatten=True).x for s in ("train", "val", "test")])
+    parts = torch.cat([embedded.digits(s, flatten=True).x for s in ("train", "val", "test")])
     key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
     assert key(parts) == key(full)
     for s in ("train", "val", "test"):
-        share = torch.bincount(data.digits(s).y, minlength=10) / sizes[s]
+        share = torch.bincount(embedded.digits(s).y, minlength=10) / sizes[s]
         assert share.min() > 0.07 and share.max() < 0.13, (s, share)  # every class ~10 %
     # the rule is documented: image i of the file is in test iff i % 6 == 5
-    assert torch.equal(data.digits("test", flatten=True).x[0], full[5])
+    assert torch.equal(embedded.digits("test", flatten=True).x[0], full[5])
 
 
 def test_digit_variants_agree():
-    lv = data.digits("train")
+    lv = embedded.digits("train")
     assert lv.x.shape == (1199, 1, 8, 8) and lv.x.dtype == torch.int64
     assert lv.x.min() == 0 and lv.x.max() == 16
-    bi = data.digits("train", "binary")
+    bi = embedded.digits("train", "binary")
     assert bi.x.dtype == torch.float32 and set(bi.x.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(bi.x, (lv.x >= 8).float())
-    un = data.digits("train", "unit", flatten=True)
+    un = embedded.digits("train", "unit", flatten=True)
     assert un.x.shape == (1199, 64) and torch.allclose(un.x * 16, lv.x.reshape(1199, 64).float())
     assert torch.equal(lv.y, bi.y)
 
 
 def test_digits_are_copies():
-    a = data.digits("train")
+    a = embedded.digits("train")
     a.x[:] = 0
-    assert data.digits("train").x.max() == 16
+    assert embedded.digits("train").x.max() == 16
 
 
 def test_digits_refuse_bad_arguments():
     with pytest.raises(ValueError, match="split should be one of"):
-        data.digits("validation")
+        embedded.digits("validation")
     with pytest.raises(ValueError, match="variant should be one of"):
-        data.digits("train", "grey")
+        embedded.digits("train", "grey")
 
 
-@pytest.mark.parametrize("name", [n for n in data.TOY_DENSITIES if data.toy_density(n).exact])
+@pytest.mark.parametrize("name", [n for n in embedded.TOY_DENSITIES if embedded.toy_density(n).exact])
 def test_toy_densities_integrate_to_one_and_match_their_samplers(name):
-    toy = data.toy_density(name)
+    toy = embedded.toy_density(name)
     lo, hi = toy.extent
     n = 200
     edges = torch.linspace(lo, hi, n + 1)
@@ -69,7 +69,7 @@ def test_toy_densities_integrate_to_one_and_match_their_samplers(name):
 
 
 def test_toy_sampling_is_seeded():
-    toy = data.toy_density("two_moons")
+    toy = embedded.toy_density("two_moons")
     assert torch.equal(toy.sample(5, seed=1), toy.sample(5, seed=1))
     assert not torch.equal(toy.sample(5, seed=1), toy.sample(5, seed=2))
     assert toy.sample(7).shape == (7, 2) and toy.sample(7).dtype == torch.float32
@@ -77,9 +77,9 @@ def test_toy_sampling_is_seeded():
 
 def test_toy_density_errors():
     with pytest.raises(NotImplementedError, match="no closed-form"):
-        data.toy_density("spirals").log_prob(torch.zeros(1, 2))
+        embedded.toy_density("spirals").log_prob(torch.zeros(1, 2))
     with pytest.raises(ValueError, match=r"shape \(N, 2\)"):
-        data.toy_density("rings").log_prob(torch.zeros(3))
+        embedded.toy_density("rings").log_prob(torch.zeros(3))
     with pytest.raises(ValueError, match="name should be one of"):
-        data.toy_density("swiss_roll")
-    assert data.toy_density("checkerboard").log_prob(torch.tensor([[-1.5, -1.5]])).item() == float("-inf")
+        embedded.toy_density("swiss_roll")
+    assert embedded.toy_density("checkerboard").log_prob(torch.tensor([[-1.5, -1.5]])).item() == float("-inf")
