@@ -220,12 +220,15 @@ def md5sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 # md5s already computed, keyed by what changes when a file is rewritten, so that
 # loading the same dataset twice in a notebook does not hash it twice.
-_MD5_CACHE: dict[tuple[str, int, int, int], str] = {}
+# ctime is in the key because mtime alone can be set back (os.utime, touch -d,
+# rsync -t) after a same-size rewrite; ctime changes on any write or metadata
+# change and cannot be set by a user.
+_MD5_CACHE: dict[tuple[str, int, int, int, int], str] = {}
 
 
-def _cache_key(path: Path) -> tuple[str, int, int, int]:
+def _cache_key(path: Path) -> tuple[str, int, int, int, int]:
     st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def _cached_md5(path: Path) -> str:
@@ -346,11 +349,14 @@ def _is_within(base: Path, target: Path) -> bool:
 
 
 def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Extract a tar archive into ``dest``, refusing any member that could escape it.
+    """Extract a tar archive of plain files and folders into ``dest``.
 
-    Every member is checked before anything is written: absolute paths, ``..``,
-    links pointing outside ``dest`` and device or FIFO entries make the whole
-    archive be refused with :class:`CorruptDataError`.
+    Every member is checked before anything is written: an absolute path, a
+    ``..``, any link (symbolic or hard, wherever it points) or a device or FIFO
+    makes the whole archive be refused with :class:`CorruptDataError`. The
+    canonical archives hold none of these, and refusing every link means no
+    member can be written through one (a chain of links that each look harmless
+    against the still-empty folder can otherwise reach outside it).
     """
     tar_path, dest = Path(tar_path), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -366,6 +372,11 @@ def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 tar.extractall(dest, members=members)
     except CorruptDataError:
         raise
+    except _TAR_FILTER_ERRORS as err:  # pragma: no cover - _check_member refuses these first
+        raise CorruptDataError(
+            f"{tar_path} is unsafe and was not fully extracted ({type(err).__name__}: {err}). "
+            "Delete it and download it again from the official mirror."
+        ) from err
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise CorruptDataError(
             f"{tar_path} could not be extracted ({type(err).__name__}: {err}). The archive is "
@@ -374,12 +385,22 @@ def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return dest
 
 
+# Raised by Python's 'data' filter (3.11.4+); an empty tuple catches nothing.
+_TAR_FILTER_ERRORS = getattr(tarfile, "FilterError", ())
+
+_NOT_OFFICIAL = "this archive is not the official file"
+_SPECIAL_KINDS = {
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO (named pipe)",
+}
+
+
 def _check_member(m: tarfile.TarInfo, dest: Path, tar_path: Path) -> None:
     def refuse(why: str) -> None:
         raise CorruptDataError(
             f"{tar_path} is unsafe and was not extracted: member {m.name!r} {why}. "
-            "Canonical archives never do this; delete the file and download it again "
-            "from the official mirror."
+            "Delete the file and download it again from the official mirror."
         )
 
     name = m.name
@@ -387,19 +408,15 @@ def _check_member(m: tarfile.TarInfo, dest: Path, tar_path: Path) -> None:
         refuse("has an absolute path")
     if ".." in Path(name.replace("\\", "/")).parts:
         refuse("contains '..'")
-    target = dest / name
-    if not _is_within(dest, target):
+    if not _is_within(dest, dest / name):
         refuse("would be written outside the target folder")
-    if m.issym():
-        link = m.linkname
-        if os.path.isabs(link) or not _is_within(dest, target.parent / link):
-            refuse(f"is a symbolic link to {link!r}, outside the target folder")
-    elif m.islnk():
-        link = m.linkname
-        if os.path.isabs(link) or not _is_within(dest, dest / link):
-            refuse(f"is a hard link to {link!r}, outside the target folder")
-    elif not (m.isfile() or m.isdir()):
-        refuse("is a device, FIFO or other special file")
+    if m.issym() or m.islnk():
+        kind = "symbolic" if m.issym() else "hard"
+        refuse(f"is a {kind} link to {m.linkname!r}: the canonical archives hold no links; "
+               f"{_NOT_OFFICIAL}")
+    if not (m.isfile() or m.isdir()):
+        kind = _SPECIAL_KINDS.get(m.type, f"of tar type {m.type!r}")
+        refuse(f"is {kind}: the canonical archives hold only files and folders; {_NOT_OFFICIAL}")
 
 
 # --------------------------------------------------------------------------- parsers

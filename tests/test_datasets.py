@@ -314,6 +314,24 @@ def test_verify_file(tmp_path):
         datasets.verify_file(tmp_path / "missing", md5_of(b"x"))
 
 
+def test_file_rewritten_in_place_with_its_mtime_restored_is_hashed_again(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"hello")
+    old = path.stat()
+    datasets.verify_file(path, md5_of(b"hello"))  # now cached
+    path.write_bytes(b"jello")  # same inode, same size...
+    for _ in range(200):  # ...and, once ctime has moved on (a coarse clock may need a tick),
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))  # the same mtime
+        if path.stat().st_ctime_ns != old.st_ctime_ns:
+            break
+        time.sleep(0.01)
+    new = path.stat()
+    assert (new.st_ino, new.st_size, new.st_mtime_ns) == (old.st_ino, old.st_size, old.st_mtime_ns)
+    assert new.st_ctime_ns != old.st_ctime_ns
+    with pytest.raises(CorruptDataError, match=md5_of(b"jello")):
+        datasets.verify_file(path, md5_of(b"hello"))
+
+
 # --------------------------------------------------------------------------- IDX parser
 
 
@@ -589,8 +607,8 @@ def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.T
         (_info("link", tarfile.SYMTYPE, "/etc/passwd"), "symbolic link"),
         (_info("link", tarfile.SYMTYPE, "../../outside"), "symbolic link"),
         (_info("hard", tarfile.LNKTYPE, "../outside"), "hard link"),
-        (_info("dev", tarfile.CHRTYPE), "device"),
-        (_info("fifo", tarfile.FIFOTYPE), "device, FIFO"),
+        (_info("dev", tarfile.CHRTYPE), "character device"),
+        (_info("fifo", tarfile.FIFOTYPE), "FIFO"),
     ],
     ids=["dotdot", "nested-dotdot", "absolute", "symlink-abs", "symlink-up", "hardlink", "chardev", "fifo"],
 )
@@ -605,14 +623,60 @@ def test_safe_extract_refuses_escaping_members(tmp_path, member, why):
     assert not Path("/tmp/dgmlab-evil-absolute").exists()
 
 
-def test_safe_extract_allows_links_inside(tmp_path):
+NO_LINKS = "the canonical archives hold no links; this archive is not the official file"
+ONLY_FILES = "the canonical archives hold only files and folders; this archive is not the official file"
+
+
+@pytest.mark.parametrize(
+    "members, culprit, why",
+    [
+        # Each link looks harmless against the still-empty folder, but once
+        # 'x' -> '.' exists, 'x/y' -> '..' is the folder's parent, and
+        # 'x/y/evil' would be written there.
+        (
+            [_info("x", tarfile.SYMTYPE, "."), _info("x/y", tarfile.SYMTYPE, ".."), _info("x/y/evil")],
+            "x",
+            f"symbolic link to '.'.*{NO_LINKS}",
+        ),
+        (
+            [_info("up", tarfile.SYMTYPE, "../.."), _info("up/evil")],
+            "up",
+            f"symbolic link to '../..'.*{NO_LINKS}",
+        ),
+        (
+            [_info("d/alias", tarfile.SYMTYPE, "../fine.txt")],
+            "d/alias",
+            f"symbolic link to '../fine.txt'.*{NO_LINKS}",
+        ),
+        (
+            [_info("hard", tarfile.LNKTYPE, "fine.txt")],
+            "hard",
+            f"hard link to 'fine.txt'.*{NO_LINKS}",
+        ),
+        ([_info("dev", tarfile.CHRTYPE)], "dev", f"character device.*{ONLY_FILES}"),
+        ([_info("disk", tarfile.BLKTYPE)], "disk", f"block device.*{ONLY_FILES}"),
+        ([_info("pipe", tarfile.FIFOTYPE)], "pipe", f"FIFO.*{ONLY_FILES}"),
+        ([_info("../evil")], "../evil", "contains '..'"),
+        ([_info("d/../../evil")], "d/../../evil", "contains '..'"),
+    ],
+    ids=["symlink-chain", "symlink-out-then-file", "symlink-inside", "hardlink-inside",
+         "chardev", "blockdev", "fifo", "dotdot", "nested-dotdot"],
+)
+def test_safe_extract_refuses_every_link_and_special_member_before_writing(
+    tmp_path, members, culprit, why
+):
     archive = _tar_with(
-        tmp_path / "a.tar.gz",
-        (_info("d/data.txt"), b"payload"),
-        (_info("d/alias", tarfile.SYMTYPE, "data.txt"), b""),
+        tmp_path / "a.tar.gz", (_info("fine.txt"), b"fine"), *[(m, b"evil") for m in members]
     )
-    out = datasets.safe_extract(archive, tmp_path / "out")
-    assert (out / "d" / "alias").read_bytes() == b"payload"
+    dest = tmp_path / "box" / "out"
+    with pytest.raises(CorruptDataError, match=why) as err:
+        datasets.safe_extract(archive, dest)
+    message = str(err.value)
+    assert str(archive) in message and f"member {culprit!r}" in message
+    assert "truncated" not in message
+    assert all_files(dest) == []  # refused before anything is written
+    assert all_files(tmp_path / "box") == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz", "box"]
 
 
 def test_safe_extract_truncated_archive(tmp_path):
