@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GenerativeModel
+from .base import GenerativeModel, constraints
 from .validate import check_choice, check_positive_int, check_tensor
 
 __all__ = [
@@ -207,12 +207,9 @@ class MADE(GenerativeModel):
 
     def __init__(self, event_shape, hidden: Sequence[int] = (500,), *, levels: int = 2,
                  num_masks: int = 1, direct: bool = True, dropout: float = 0.0, seed: int = 0):
-        super().__init__()
-        if isinstance(event_shape, int):
-            event_shape = (event_shape,)
-        self.event_shape = tuple(int(s) for s in event_shape)
-        self.dim = d = math.prod(self.event_shape)
         self.levels = check_positive_int(levels, "levels")
+        super().__init__(event_shape, support=constraints.integer_interval(0, levels - 1))
+        d = self.event_size
         if levels < 2 or d < 2:
             raise ValueError(f"MADE needs at least 2 dimensions and 2 levels, got {d} and {levels}.")
         k = 1 if levels == 2 else levels  # one-hot inputs and one logit per level for categorical data
@@ -254,34 +251,35 @@ class MADE(GenerativeModel):
         self.net.set_mask(k)
 
     # -- the network ---------------------------------------------------------------------
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_tensor(x, "x", min=0, max=self.levels - 1, whole=True)
-        if x.dim() < 2 or x[0].numel() != self.dim:
-            raise ValueError(f"x should be a batch of shape (N, {', '.join(map(str, self.event_shape))}) "
-                             f"or (N, {self.dim}), got {tuple(x.shape)}.")
-        flat = x.reshape(len(x), self.dim)
+    def _inputs(self, flat: torch.Tensor) -> torch.Tensor:
+        """Rows (N, D) of levels as network inputs: the values (binary) or one-hot codes."""
         if self.levels == 2:
-            return flat.float()
-        return F.one_hot(flat.long(), self.levels).float().reshape(len(x), -1)
+            return flat.to(self.dtype)
+        return F.one_hot(flat.long(), self.levels).to(self.dtype).reshape(len(flat), -1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Conditional logits under the current mask: (N, D) for Bernoulli, (N, D, levels) otherwise."""
-        out = self.net(self._inputs(x))
-        return out if self.levels == 2 else out.reshape(len(x), self.dim, self.levels)
+        x, _ = self.check_input(x)
+        return self._logits(x.reshape(len(x), self.event_size))
 
-    def _log_prob_current(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(x)
-        flat = x.reshape(len(x), self.dim)
+    def _logits(self, flat: torch.Tensor) -> torch.Tensor:
+        out = self.net(self._inputs(flat))
+        return out if self.levels == 2 else out.reshape(len(flat), self.event_size, self.levels)
+
+    def _log_prob_current(self, flat: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(flat)
         if self.levels == 2:
-            return -F.binary_cross_entropy_with_logits(logits, flat.float(), reduction="none").sum(1)
+            return -F.binary_cross_entropy_with_logits(logits, flat.to(logits.dtype), reduction="none").sum(1)
         return -F.cross_entropy(logits.transpose(1, 2), flat.long(), reduction="none").sum(1)
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
         """Exact log p(x) in nats, shape (N,).
 
         In training: the current ordering. In eval mode: the mixture of the ensemble's
         members (all ``num_masks``, or those chosen with :meth:`orders`).
         """
+        x, _ = self.check_input(x, context)
+        x = x.reshape(len(x), self.event_size)
         if self.training:
             return self._log_prob_current(x)
         keep, members = self.current_mask, self._active()
@@ -293,28 +291,33 @@ class MADE(GenerativeModel):
         # log of the mean probability: a mixture of the ensemble's members
         return torch.logsumexp(torch.stack(parts), 0) - math.log(len(members))
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean NLL; in training, each call first draws one of the ``num_masks`` orderings."""
-        if self.training and self.num_masks > 1:
+    def loss(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        """Mean NLL. In training, each call first draws one of the ``num_masks`` orderings and
+        scores that one; in eval mode, the ensemble's (``-log_prob(x).mean()``)."""
+        if not self.training:
+            return super().loss(x, context)
+        if self.num_masks > 1:
             self.set_mask(int(torch.randint(self.num_masks, (1,))))
-        return -self._log_prob_current(x).mean()
+        x, _ = self.check_input(x, context)
+        return -self._log_prob_current(x.reshape(len(x), self.event_size)).mean()
 
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
+    def sample(self, n: int, context=None) -> torch.Tensor:
         """Draw ``n`` objects: pick a member of the ensemble, then one dimension per pass (D passes)."""
-        check_positive_int(n, "n")
+        self.check_sample_args(n, context)
         was_training, keep = self.training, self.current_mask
         self.eval()
         device = self.device
         active = torch.tensor(self._active())
         members = active[torch.randint(len(active), (n,))] if len(active) > 1 else active.expand(n)
-        out = torch.zeros(n, self.dim, dtype=torch.float32 if self.levels == 2 else torch.long, device=device)
+        out = torch.zeros(n, self.event_size, dtype=self.dtype if self.levels == 2 else torch.long,
+                          device=device)
         for k in members.unique().tolist():
             rows = (members == k).nonzero().squeeze(1).to(device)
             self.set_mask(k)
             x = out[rows]
             for j in self.ordering(k).argsort().tolist():  # dimensions in the order of member k
-                logits = self.logits(x)[:, j]
+                logits = self._logits(x)[:, j]
                 if self.levels == 2:
                     x[:, j] = torch.bernoulli(torch.sigmoid(logits))
                 else:
@@ -401,20 +404,20 @@ def discretized_logistic_mixture_log_prob(params: torch.Tensor, x: torch.Tensor,
 class _PixelModel(GenerativeModel):
     """What PixelCNN and GatedPixelCNN share: inputs, output heads, log_prob, sampling."""
 
-    def __init__(self, image_shape, *, levels: int, channels: int, output: str, mixtures: int,
+    def __init__(self, event_shape, *, levels: int, channels: int, output: str, mixtures: int,
                  num_classes: int | None):
-        super().__init__()
-        image_shape = tuple(int(s) for s in image_shape)
-        if len(image_shape) != 3:
-            raise ValueError(f"image_shape should be (C, H, W), got {image_shape}.")
-        self.image_shape = image_shape
-        self.colors = image_shape[0]
         self.levels = check_positive_int(levels, "levels")
         if levels < 2:
             raise ValueError("levels should be at least 2.")
+        if len(tuple(event_shape)) != 3:
+            raise ValueError(f"event_shape should be an image shape (C, H, W), got {tuple(event_shape)}.")
+        self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
+        super().__init__(event_shape, support=constraints.integer_interval(0, levels - 1),
+                         context_shape=None if num_classes is None else (),
+                         context_support=constraints.integer_interval(0, (num_classes or 1) - 1))
+        self.colors = self.event_shape[0]
         self.output = check_choice(output, "output", ("categorical", "logistic_mixture"))
         self.mixtures = check_positive_int(mixtures, "mixtures")
-        self.num_classes = num_classes
         if channels % self.colors:
             raise ValueError(f"channels ({channels}) should be a multiple of the colour channels ({self.colors}).")
         self.params_per_color = levels if output == "categorical" else 3 * mixtures
@@ -424,7 +427,7 @@ class _PixelModel(GenerativeModel):
             nn.ReLU(), MaskedConv2d(channels, c * self.params_per_color, 1, "B", colors=c))
 
     # -- subclasses define the masked feature network and how far up it looks --------------
-    def features(self, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def features(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -433,32 +436,15 @@ class _PixelModel(GenerativeModel):
         raise NotImplementedError
 
     # -- inputs and outputs ---------------------------------------------------------------
-    def _check_images(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_tensor(x, "x", ndim=4, min=0, max=self.levels - 1, whole=True)
-        if x.shape[1] != self.colors:
-            raise ValueError(f"x should have {self.colors} colour channel(s): shape (N, {self.colors}, H, W), "
-                             f"got {tuple(x.shape)}.")
-        return x
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Levels 0..K−1 → values in [−1, 1] (what the network sees)."""
-        return 2 * x.float() / (self.levels - 1) - 1
+        return 2 * x.to(self.dtype) / (self.levels - 1) - 1
 
-    def _check_labels(self, y, n):
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("this model is unconditional: pass no labels (or build it with num_classes).")
-            return None
-        if y is None:
-            raise ValueError(f"this model is conditioned on {self.num_classes} classes: pass labels y.")
-        y = torch.as_tensor(y)
-        if y.dim() == 0:
-            y = y.expand(n)
-        return check_tensor(y, "y", shape=(n,), kind="integer", min=0, max=self.num_classes - 1).long()
+    def params_from_encoded(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Output parameters (N, C, P, H, W) from encoded inputs; differentiable w.r.t. ``h``.
 
-    def params_from_encoded(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Output parameters (N, C, P, H, W) from encoded inputs; differentiable w.r.t. ``h``."""
-        out = self.head(self.features(h, y))
+        ``context``: class labels (N,) of a class-conditional model."""
+        out = self.head(self.features(h, context))
         n, _, hh, ww = out.shape
         return out.reshape(n, self.colors, self.params_per_color, hh, ww)
 
@@ -471,15 +457,12 @@ class _PixelModel(GenerativeModel):
         return discretized_logistic_mixture_log_prob(flat, x.reshape(n * c, hh, ww).long(), self.levels
                                                      ).reshape(n, c, hh, ww)
 
-    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact log p(x) (or log p(x | y)) in nats: one pass, all conditionals at once. Shape (N,)."""
-        x = self._check_images(x)
-        y = self._check_labels(y, len(x))
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log p(x) (or log p(x | y), y the class labels as ``context``) in nats: one pass,
+        all conditionals at once. Shape (N,)."""
+        x, y = self.check_input(x, context)
         params = self.params_from_encoded(self.encode(x), y)
         return self._log_prob_pixels(params, x).sum((1, 2, 3))
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return -self.log_prob(x, y).mean()
 
     def _draw(self, params: torch.Tensor) -> torch.Tensor:
         """Sample levels from output parameters (N, P) of one colour of one pixel."""
@@ -494,7 +477,7 @@ class _PixelModel(GenerativeModel):
         return ((value + 1) / 2 * (self.levels - 1)).round().clamp(0, self.levels - 1).long().squeeze(1)
 
     @torch.no_grad()
-    def sample(self, n: int, y: torch.Tensor | int | None = None, *, x: torch.Tensor | None = None,
+    def sample(self, n: int, context: torch.Tensor | int | None = None, *, x: torch.Tensor | None = None,
                start: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """Draw ``n`` images pixel by pixel, colour by colour (C·H·W passes).
 
@@ -502,18 +485,18 @@ class _PixelModel(GenerativeModel):
         drawn and the ``reach_up`` rows above it, since rows further up cannot
         influence it and rows below are not drawn yet. ``x`` and ``start``
         complete given images: pixels before ``start`` (raster order) are kept.
+        ``context``: the class label(s) of a class-conditional model.
         """
-        check_positive_int(n, "n")
+        y = self.check_sample_args(n, context)
         was_training = self.training
         self.eval()
-        device = self.head[-1].weight.device
-        c, hh, ww = self.image_shape if x is None else (self.colors, *x.shape[2:])
-        y = self._check_labels(y, n)
+        device = self.device
         y = None if y is None else y.to(device)
+        c, hh, ww = self.event_shape
         if x is None:
             out = torch.zeros(n, c, hh, ww, dtype=torch.long, device=device)
         else:
-            out = self._check_images(x).long().clone().to(device)
+            out = self.check_input(x)[0].long().clone().to(device)
             if len(out) != n:
                 raise ValueError(f"x holds {len(out)} images but n = {n}.")
         i0, j0 = start
@@ -536,10 +519,10 @@ class PixelCNN(_PixelModel):
     are never seen (the blind spot).
     """
 
-    def __init__(self, image_shape=(1, 8, 8), *, levels: int = 17, channels: int = 64, layers: int = 5,
+    def __init__(self, event_shape=(1, 8, 8), *, levels: int = 17, channels: int = 64, layers: int = 5,
                  kernel: int = 3, first_kernel: int = 7, output: str = "categorical", mixtures: int = 5,
                  num_classes: int | None = None):
-        super().__init__(image_shape, levels=levels, channels=channels, output=output, mixtures=mixtures,
+        super().__init__(event_shape, levels=levels, channels=channels, output=output, mixtures=mixtures,
                          num_classes=num_classes)
         c = self.colors
         self.first = MaskedConv2d(c, channels, first_kernel, "A", colors=c)
@@ -552,10 +535,10 @@ class PixelCNN(_PixelModel):
     def reach_up(self) -> int:
         return self.first_kernel // 2 + self.n_layers * (self.kernel // 2)
 
-    def features(self, h, y):
+    def features(self, h, context):
         h = self.first(h)
         if self.embed is not None:
-            h = h + self.embed(y)[:, :, None, None]
+            h = h + self.embed(context)[:, :, None, None]
         for block in self.blocks:
             h = h + block(h)  # residual: keeps the gradient path short
         return h
@@ -589,14 +572,14 @@ class _GatedLayer(nn.Module):
         a, b = t.chunk(2, dim=1)
         return torch.tanh(a) * torch.sigmoid(b)
 
-    def forward(self, v, h, y):
+    def forward(self, v, h, context):
         k = self.k
         v_pre = self.vertical(F.pad(v, (k // 2, k // 2, k // 2, 0)))  # row r sees rows r − k//2 ... r
         from_above = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # shifted down: row i gets row i − 1
         h_pre = self.horizontal(h) + self.v_to_h(from_above)
         if self.cond_v is not None:
-            v_pre = v_pre + self.cond_v(y)[:, :, None, None]
-            h_pre = h_pre + self.cond_h(y)[:, :, None, None]
+            v_pre = v_pre + self.cond_v(context)[:, :, None, None]
+            h_pre = h_pre + self.cond_h(context)[:, :, None, None]
         v_new = self._gate(v_pre)
         h_new = self.h_out(self.dropout(self._gate(h_pre)))
         return v_new, (h_new if self.first else h + h_new)
@@ -610,10 +593,10 @@ class GatedPixelCNN(_PixelModel):
     matters on small data sets; ``num_classes`` adds class conditioning.
     """
 
-    def __init__(self, image_shape=(1, 8, 8), *, levels: int = 17, channels: int = 48, layers: int = 4,
+    def __init__(self, event_shape=(1, 8, 8), *, levels: int = 17, channels: int = 48, layers: int = 4,
                  kernel: int = 5, first_kernel: int = 7, output: str = "categorical", mixtures: int = 5,
                  dropout: float = 0.0, num_classes: int | None = None):
-        super().__init__(image_shape, levels=levels, channels=channels, output=output, mixtures=mixtures,
+        super().__init__(event_shape, levels=levels, channels=channels, output=output, mixtures=mixtures,
                          num_classes=num_classes)
         c = self.colors
         # the input enters through a type-B 1×1 convolution per colour group (a colour may see itself
@@ -628,13 +611,13 @@ class GatedPixelCNN(_PixelModel):
     def reach_up(self) -> int:
         return 1 + sum(layer.k // 2 for layer in self.layers)
 
-    def features(self, h, y):
+    def features(self, h, context):
         h = self.stem(h)
         # the vertical stack may see the whole input row by row: it reaches the
         # horizontal stack only through the one-row shift in every layer
         v = h
         for layer in self.layers:
-            v, h = layer(v, h, y)
+            v, h = layer(v, h, context)
         return h
 
 
@@ -656,13 +639,13 @@ def receptive_field(model: _PixelModel | MADE, pixel: tuple[int, int] | int, *, 
     try:
         for _ in range(trials):
             if isinstance(model, MADE):
-                x = torch.randint(model.levels, (1, model.dim), generator=g)
+                x = torch.randint(model.levels, (1, model.event_size), generator=g)
                 inp = model._inputs(x).requires_grad_(True)
-                out = model.net(inp).reshape(1, model.dim, model.net.k_out)[0, pixel].sum()
+                out = model.net(inp).reshape(1, model.event_size, model.net.k_out)[0, pixel].sum()
                 (grad,) = torch.autograd.grad(out, inp)
-                hit = grad.reshape(model.dim, model.net.k_in).abs().sum(1) > 0
+                hit = grad.reshape(model.event_size, model.net.k_in).abs().sum(1) > 0
             else:
-                c, hh, ww = model.image_shape
+                c, hh, ww = model.event_shape
                 x = torch.randint(model.levels, (1, c, hh, ww), generator=g)
                 h = model.encode(x).requires_grad_(True)
                 y = None if model.num_classes is None else torch.zeros(1, dtype=torch.long)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GenerativeModel
+from .base import GenerativeModel, constraints
 from .validate import check_choice, check_positive_int, check_tensor
 
 __all__ = [
@@ -110,25 +110,22 @@ def _log_softmax_free(free: torch.Tensor) -> torch.Tensor:
 
 
 class _FlatModel(GenerativeModel):
-    """Shared plumbing: accept ``(N, m)`` or ``(N, *event_shape)`` and flatten."""
+    """Shared plumbing: discrete data with ``k`` values per variable, seen as ``(N, D)`` rows."""
 
-    def __init__(self, event_shape):
-        super().__init__()
-        if isinstance(event_shape, int):
-            event_shape = (event_shape,)
-        self.event_shape = tuple(int(s) for s in event_shape)
-        self.m = math.prod(self.event_shape)
+    def __init__(self, event_shape, k: int):
+        self.k = check_positive_int(k, "k")
+        if k < 2:
+            raise ValueError(f"k should be at least 2 values per variable, got {k}.")
+        super().__init__(event_shape, support=constraints.integer_interval(0, k - 1))
 
-    def _flat(self, x: torch.Tensor, kind: str, max_value: int) -> torch.Tensor:
-        x = check_tensor(x, "x", kind=kind if kind != "binary" else None, min=0, max=max_value, whole=True)
-        if x.dim() >= 2 and x[0].numel() == self.m:
-            return x.reshape(len(x), self.m)
-        raise ValueError(
-            f"x should be a batch of shape (N, {self.m}) or (N, {', '.join(map(str, self.event_shape))}), "
-            f"got {tuple(x.shape)}."
-        )
+    def _flat(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        """Checked data as rows of D integer values, shape (N, D)."""
+        x, _ = self.check_input(x, context)
+        return x.reshape(len(x), self.event_size).long()
 
     def _shape(self, flat: torch.Tensor) -> torch.Tensor:
+        """Rows (n, D) back to objects (n, *event_shape); binary data as floats 0/1."""
+        flat = flat.to(self.dtype) if self.k == 2 else flat
         return flat.reshape(len(flat), *self.event_shape)
 
 
@@ -136,8 +133,9 @@ class IndependentBernoulli(_FlatModel):
     """Every binary pixel on its own: p(x) = Π_j θ_j^{x_j} (1 − θ_j)^{1 − x_j}. m parameters."""
 
     def __init__(self, event_shape, logits: torch.Tensor | None = None):
-        super().__init__(event_shape)
-        init = torch.zeros(self.m) if logits is None else logits.reshape(self.m).float()
+        super().__init__(event_shape, k=2)
+        d = self.event_size
+        init = torch.zeros(d) if logits is None else logits.reshape(d).float()
         self.logits = nn.Parameter(init.clone())
 
     @classmethod
@@ -151,27 +149,28 @@ class IndependentBernoulli(_FlatModel):
         """θ_j = p(x_j = 1), shape ``event_shape``."""
         return torch.sigmoid(self.logits).reshape(self.event_shape)
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._flat(x, "binary", 1).to(self.logits.dtype)
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        x = self._flat(x, context).to(self.logits.dtype)
         # log θ^x (1-θ)^(1-x), written with logits for numerical stability
         return -F.binary_cross_entropy_with_logits(
             self.logits.expand_as(x), x, reduction="none"
         ).sum(1)
 
-    def sample(self, n: int) -> torch.Tensor:
-        check_positive_int(n, "n")
-        u = torch.rand(n, self.m, device=self.logits.device)
-        return self._shape((u < torch.sigmoid(self.logits)).float())
+    @torch.no_grad()
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        self.check_sample_args(n, context)
+        u = torch.rand(n, self.event_size, device=self.device, dtype=self.dtype)
+        return self._shape(u < torch.sigmoid(self.logits))
 
 
 class IndependentCategorical(_FlatModel):
     """Every pixel on its own with ``k`` levels: p(x) = Π_j π_{j, x_j}. m·(k−1) parameters."""
 
     def __init__(self, event_shape, k: int, free_logits: torch.Tensor | None = None):
-        super().__init__(event_shape)
-        self.k = check_positive_int(k, "k")
-        init = torch.zeros(self.m, k - 1) if free_logits is None else free_logits.float()
-        self.free_logits = nn.Parameter(init.reshape(self.m, k - 1).clone())
+        super().__init__(event_shape, k)
+        d = self.event_size
+        init = torch.zeros(d, k - 1) if free_logits is None else free_logits.float()
+        self.free_logits = nn.Parameter(init.reshape(d, k - 1).clone())
 
     @classmethod
     def from_data(cls, x: torch.Tensor, k: int, alpha: float = 0.0) -> "IndependentCategorical":
@@ -184,13 +183,14 @@ class IndependentCategorical(_FlatModel):
         """π_{j, v}, shape ``(*event_shape, k)``."""
         return _log_softmax_free(self.free_logits).exp().reshape(*self.event_shape, self.k)
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._flat(x, "integer", self.k - 1).long()
-        logp = _log_softmax_free(self.free_logits)  # (m, k)
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        x = self._flat(x, context)
+        logp = _log_softmax_free(self.free_logits)  # (D, k)
         return logp.gather(1, x.T).sum(0)  # pick log π_{j, x_j} for each pixel, add over j
 
-    def sample(self, n: int) -> torch.Tensor:
-        check_positive_int(n, "n")
+    @torch.no_grad()
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        self.check_sample_args(n, context)
         probs = _log_softmax_free(self.free_logits).exp()
         return self._shape(torch.multinomial(probs, n, replacement=True).T)
 
@@ -203,21 +203,20 @@ class MarkovChain(_FlatModel):
     """
 
     def __init__(self, event_shape, k: int = 2):
-        super().__init__(event_shape)
-        self.k = check_positive_int(k, "k")
+        super().__init__(event_shape, k)
         self.first = nn.Parameter(torch.zeros(k - 1))
-        self.transition = nn.Parameter(torch.zeros(self.m - 1, k, k - 1))  # [j, previous value, :]
+        self.transition = nn.Parameter(torch.zeros(self.event_size - 1, k, k - 1))  # [j, previous value, :]
 
     @classmethod
     def from_data(cls, x: torch.Tensor, k: int = 2, alpha: float = 0.0) -> "MarkovChain":
         """Closed-form MLE (α = 0) or smoothed fit: conditional frequencies of each transition."""
         model = cls(x.shape[1:], k)
-        flat = model._flat(x, "numeric", k - 1).long()
+        flat, d = model._flat(x), model.event_size
         first = torch.bincount(flat[:, 0], minlength=k).double()
         # code of (j, x_{j-1}, x_j) for every transition, counted in one bincount
-        pair = torch.arange(model.m - 1) * k * k + flat[:, :-1] * k + flat[:, 1:]
-        counts = torch.bincount(pair.reshape(-1), minlength=(model.m - 1) * k * k)
-        counts = counts.double().reshape(model.m - 1, k, k)
+        pair = torch.arange(d - 1) * k * k + flat[:, :-1] * k + flat[:, 1:]
+        counts = torch.bincount(pair.reshape(-1), minlength=(d - 1) * k * k)
+        counts = counts.double().reshape(d - 1, k, k)
         with torch.no_grad():
             model.first.copy_(_free_logits((first + alpha) / (first.sum() + k * alpha)))
             totals = counts.sum(-1, keepdim=True) + k * alpha
@@ -226,22 +225,23 @@ class MarkovChain(_FlatModel):
             model.transition.copy_(_free_logits(cond))
         return model
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._flat(x, "numeric", self.k - 1).long()
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        x = self._flat(x, context)
         log_first = _log_softmax_free(self.first)[x[:, 0]]
-        log_trans = _log_softmax_free(self.transition)  # (m−1, k, k)
-        j = torch.arange(self.m - 1, device=x.device)
+        log_trans = _log_softmax_free(self.transition)  # (D−1, k, k)
+        j = torch.arange(self.event_size - 1, device=x.device)
         steps = log_trans[j, x[:, :-1], x[:, 1:]]  # log p(x_j | x_{j−1}) for every j ≥ 2
         return log_first + steps.sum(1)
 
-    def sample(self, n: int) -> torch.Tensor:
-        check_positive_int(n, "n")
-        out = torch.empty(n, self.m, dtype=torch.long, device=self.first.device)
+    @torch.no_grad()
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        self.check_sample_args(n, context)
+        out = torch.empty(n, self.event_size, dtype=torch.long, device=self.device)
         out[:, 0] = torch.multinomial(_log_softmax_free(self.first).exp(), n, replacement=True)
         trans = _log_softmax_free(self.transition).exp()
-        for j in range(1, self.m):  # sequential: each pixel needs the one before
+        for j in range(1, self.event_size):  # sequential: each pixel needs the one before
             out[:, j] = torch.multinomial(trans[j - 1, out[:, j - 1]], 1).squeeze(1)
-        return self._shape(out.float() if self.k == 2 else out)
+        return self._shape(out)
 
 
 class Histogram(_FlatModel):
@@ -253,32 +253,32 @@ class Histogram(_FlatModel):
     """
 
     def __init__(self, event_shape, k: int = 2):
-        super().__init__(event_shape)
-        self.k = check_positive_int(k, "k")
-        bins = k**self.m
+        super().__init__(event_shape, k)
+        d = self.event_size
+        bins = k**d
         if bins > MAX_HISTOGRAM_BINS:
-            size = f"about 10^{self.m * math.log10(k):.0f}"  # k^m may be too large for a float
+            size = f"about 10^{d * math.log10(k):.0f}"  # k^D may be too large for a float
             raise ValueError(
-                f"A histogram over {self.m} variables with {k} values needs {k}^{self.m} = {size} bins, "
+                f"A histogram over {d} variables with {k} values needs {k}^{d} = {size} bins, "
                 f"more than the {MAX_HISTOGRAM_BINS:,} allowed here: that is the curse of dimensionality. "
                 "Use fewer variables or a factorised model."
             )
         self.free_logits = nn.Parameter(torch.zeros(bins - 1))
-        self.register_buffer("radix", k ** torch.arange(self.m - 1, -1, -1), persistent=False)
+        self.register_buffer("radix", k ** torch.arange(d - 1, -1, -1), persistent=False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Bin index of each row: x read as an m-digit number in base k, shape (N,)."""
-        return (self._flat(x, "numeric", self.k - 1).long() * self.radix).sum(1)
+        """Bin index of each row: x read as a D-digit number in base k, shape (N,)."""
+        return (self._flat(x) * self.radix).sum(1)
 
     def decode(self, index: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`encode`: the configurations of bins ``index``, shape (N, m)."""
+        """Inverse of :meth:`encode`: the configurations of bins ``index``, shape (N, D)."""
         return (index.long()[:, None] // self.radix) % self.k
 
     @classmethod
     def from_data(cls, x: torch.Tensor, k: int = 2, alpha: float = 0.0) -> "Histogram":
         """π̂_b = (count_b + α) / (n + α k^m): the MLE (α = 0) or its smoothed version."""
         model = cls(x.shape[1:], k)
-        counts = torch.bincount(model.encode(x), minlength=k**model.m).double()
+        counts = torch.bincount(model.encode(x), minlength=k**model.event_size).double()
         with torch.no_grad():
             model.free_logits.copy_(_free_logits((counts + alpha) / (counts.sum() + alpha * len(counts))))
         return model
@@ -288,14 +288,13 @@ class Histogram(_FlatModel):
         """The table π_b over all k^m bins, shape (k^m,)."""
         return _log_softmax_free(self.free_logits).exp()
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return _log_softmax_free(self.free_logits)[self.encode(x)]
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        return _log_softmax_free(self.free_logits)[(self._flat(x, context) * self.radix).sum(1)]
 
-    def sample(self, n: int) -> torch.Tensor:
-        check_positive_int(n, "n")
-        bins = torch.multinomial(self.probs, n, replacement=True)
-        out = self.decode(bins)
-        return self._shape(out.float() if self.k == 2 else out)
+    @torch.no_grad()
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        self.check_sample_args(n, context)
+        return self._shape(self.decode(torch.multinomial(self.probs, n, replacement=True)))
 
 
 def curse_of_dimensionality(
@@ -349,9 +348,10 @@ class DiagonalGaussian(GenerativeModel):
     MLE: the sample mean and the (biased, divide-by-n) sample variance.
     """
 
+    has_rsample = True
+
     def __init__(self, dim: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
-        super().__init__()
-        self.dim = check_positive_int(dim, "dim")
+        super().__init__(check_positive_int(dim, "dim"))
         self.mean = nn.Parameter(torch.zeros(dim) if mean is None else mean.reshape(dim).float().clone())
         log_std = torch.zeros(dim) if std is None else check_tensor(std, "std", min=1e-30).reshape(dim).float().log()
         self.log_std = nn.Parameter(log_std.clone())
@@ -368,11 +368,12 @@ class DiagonalGaussian(GenerativeModel):
     def std(self) -> torch.Tensor:
         return self.log_std.exp()
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_tensor(x, "x", shape=(None, self.dim), kind="float")
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        x, _ = self.check_input(x, context)
         z = (x - self.mean) / self.std
         return (-0.5 * z**2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(1)
 
-    def sample(self, n: int) -> torch.Tensor:
-        check_positive_int(n, "n")
-        return self.mean + self.std * torch.randn(n, self.dim, device=self.mean.device)
+    def rsample(self, n: int, context=None) -> torch.Tensor:
+        """x = μ + σ ⊙ ε with ε ~ N(0, I): differentiable in μ and σ (the reparameterisation trick)."""
+        self.check_sample_args(n, context)
+        return self.mean + self.std * torch.randn(n, *self.event_shape, device=self.device, dtype=self.dtype)

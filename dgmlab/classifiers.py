@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal
 
-from .base import GenerativeModel
+from .base import GenerativeModel, constraints
 from .validate import check_positive_int, check_tensor
 
 __all__ = [
@@ -131,13 +131,16 @@ class GaussianClassifier(GenerativeModel):
 
     Parameters, stored exactly: C − 1 free prior logits, C means of size D and
     C Cholesky factors of Σ_y (D(D+1)/2 entries each, the diagonal as logs).
-    ``log_prob(x)`` is the exact marginal density of x (a Gaussian mixture).
+    ``log_prob(x)`` is the exact marginal density of x (a Gaussian mixture);
+    with a class label as ``context`` it is the class-conditional density log p(x | y).
     """
 
     def __init__(self, dim: int, num_classes: int, shrinkage: float = 1e-2):
-        super().__init__()
-        self.dim = d = check_positive_int(dim, "dim")
-        self.num_classes = c = check_positive_int(num_classes, "num_classes")
+        c = check_positive_int(num_classes, "num_classes")
+        super().__init__(check_positive_int(dim, "dim"), context_shape=(), context_optional=True,
+                         context_support=constraints.integer_interval(0, c - 1))
+        self.dim = d = self.event_size  # D, as in the formulas above
+        self.num_classes = c
         if shrinkage < 0:
             raise ValueError(f"shrinkage should be ≥ 0, got {shrinkage}.")
         self.shrinkage = float(shrinkage)
@@ -197,11 +200,10 @@ class GaussianClassifier(GenerativeModel):
     # -- the model API ----------------------------------------------------------------
     def log_joint(self, x: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x_o, y = c) for every class, shape (N, C); unobserved inputs are integrated out."""
-        x, _ = _check_xy(x, None, self.dim)
+        x, _ = self.check_input(x)
         observed = _check_observed(observed, x)
         if observed is None:
-            mvn = MultivariateNormal(self.means, scale_tril=self.scale_tril)
-            return mvn.log_prob(x[:, None, :]) + self.log_prior
+            return self._log_joint(x)
         out = x.new_empty(len(x), self.num_classes)
         cov = self.covariance
         # Rows sharing a mask share one marginal: group them to factorise once per mask.
@@ -213,9 +215,17 @@ class GaussianClassifier(GenerativeModel):
             out[rows] = mvn.log_prob(x[rows][:, None, pattern]) + self.log_prior
         return out
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log p(x) = log Σ_c p(x, y = c), shape (N,)."""
-        return torch.logsumexp(self.log_joint(x), dim=1)
+    def _log_joint(self, x: torch.Tensor) -> torch.Tensor:
+        mvn = MultivariateNormal(self.means, scale_tril=self.scale_tril, validate_args=False)
+        return mvn.log_prob(x[:, None, :]) + self.log_prior
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log p(x) = log Σ_c p(x, y = c), or log p(x | y) given the labels y as ``context``."""
+        x, y = self.check_input(x, context)
+        if y is not None:
+            mvn = MultivariateNormal(self.means[y], scale_tril=self.scale_tril[y], validate_args=False)
+            return mvn.log_prob(x)
+        return torch.logsumexp(self._log_joint(x), dim=1)
 
     @torch.no_grad()
     def predict_log_proba(self, x: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,14 +237,13 @@ class GaussianClassifier(GenerativeModel):
         return self.predict_log_proba(x, observed).argmax(1)
 
     @torch.no_grad()
-    def sample(self, n: int, y: torch.Tensor | int | None = None) -> torch.Tensor:
-        """Draw ``n`` inputs: y ~ p(y) (or the given class), then x ~ N(μ_y, Σ_y). Shape (n, D)."""
-        check_positive_int(n, "n")
+    def sample(self, n: int, context: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Draw ``n`` inputs: y ~ p(y) (or the class(es) given as ``context``), then x ~ N(μ_y, Σ_y)."""
+        y = self.check_sample_args(n, context)
         if y is None:
             y = torch.multinomial(self.log_prior.exp(), n, replacement=True)
-        elif isinstance(y, int):
-            y = torch.full((n,), y, dtype=torch.long)
-        z = torch.randn(n, self.dim, 1, device=self.means.device)
+        y = y.to(self.device)
+        z = torch.randn(n, self.dim, 1, device=self.device, dtype=self.dtype)
         return self.means[y] + (self.scale_tril[y] @ z).squeeze(-1)
 
 

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autoregressive import MaskedMLP
-from .base import GenerativeModel
-from .validate import check_positive_int, check_tensor
+from .base import GenerativeModel, constraints
+from .validate import check_positive_int, check_tensor, validation_enabled
 
 __all__ = [
     "Transform", "Compose", "InverseTransform", "Flow",
@@ -121,62 +121,42 @@ class InverseTransform(Transform):
 class Flow(GenerativeModel):
     """A normalizing flow: ``transform`` maps data to noise, whose density is standard normal.
 
-    ``event_shape`` is the shape of one object. ``log_prob(x)`` is exact; with
-    ``context_dim`` the flow is conditional and every method takes ``context``.
+    ``event_shape`` is the shape of one object. ``log_prob(x)`` is exact, and
+    sampling is differentiable (``rsample``); with ``context_dim`` the flow is
+    conditional on a vector of that size, and every method takes ``context``.
     """
 
+    has_rsample = True
+
     def __init__(self, transform: Transform, event_shape, *, context_dim: int = 0):
-        super().__init__()
+        super().__init__(event_shape, context_shape=(context_dim,) if context_dim else None)
         self.transform = transform
-        self.event_shape = (int(event_shape),) if isinstance(event_shape, int) else tuple(event_shape)
-        self.dim = math.prod(self.event_shape)
         self.context_dim = context_dim
-
-    def _check(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
-        x = check_tensor(x, name, kind="float")
-        if tuple(x.shape[1:]) != self.event_shape:
-            shape = ", ".join(map(str, self.event_shape))
-            raise ValueError(f"{name} should have shape (N, {shape}), got {tuple(x.shape)}.")
-        return x
-
-    def _context(self, context: torch.Tensor | None, n: int) -> torch.Tensor | None:
-        if not self.context_dim:
-            if context is not None:
-                raise ValueError("this flow is not conditional: call it without a context.")
-            return None
-        if context is None:
-            raise ValueError(f"this flow is conditional: pass a context of shape ({n}, {self.context_dim}).")
-        return check_tensor(context, "context", shape=(n, self.context_dim), kind="float")
 
     def base_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I), summed per object: (N,)."""
-        return _flat_sum(-0.5 * z**2) - 0.5 * self.dim * LOG_2PI
+        return _flat_sum(-0.5 * z**2) - 0.5 * self.event_size * LOG_2PI
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) = log p(z) + log|det ∂z/∂x|, exact, in nats: shape (N,)."""
-        x = self._check(x)
-        z, log_det = self.transform(x, self._context(context, len(x)))
+        return self._log_prob(*self.check_input(x, context))
+
+    def _log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        z, log_det = self.transform(x, context)
         return self.base_log_prob(z) + log_det
 
-    def loss(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return -self.log_prob(x, context).mean()
+    def rsample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x = f⁻¹(z) for z ~ N(0, I): shape (n, *event_shape), differentiable in the parameters."""
+        return self.rsample_and_log_prob(n, context)[0]
 
-    def _noise(self, n: int) -> torch.Tensor:
-        check_positive_int(n, "n")
-        return torch.randn(n, *self.event_shape, device=self.device)
-
-    def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x = f⁻¹(z) for z ~ N(0, I): shape (n, *event_shape)."""
-        x, _ = self.transform.inverse(self._noise(n), self._context(context, n))
-        return x
-
-    def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None):
+    def rsample_and_log_prob(self, n: int, context: torch.Tensor | None = None):
         """Samples and their exact log-density in one go (what reverse-KL training needs).
 
         log q(x) = log p(z) − log|det ∂x/∂z|: no inverse pass is needed.
         """
-        z = self._noise(n)
-        x, log_det = self.transform.inverse(z, self._context(context, n))
+        context = self.check_sample_args(n, context)
+        z = torch.randn(n, *self.event_shape, device=self.device, dtype=self.dtype)
+        x, log_det = self.transform.inverse(z, context)
         return x, self.base_log_prob(z) - log_det
 
 
@@ -220,12 +200,12 @@ class Planar(Transform):
         with torch.no_grad():  # bisection for the value; the gradients come from the Newton step below
             u = self.u_hat.double()
             w, b = self.w.double(), self.b.double()
-            wu = (w @ u).item()
-            if wu < -1:
+            wu = w @ u
+            if not self.constrain and validation_enabled() and wu < -1:
                 raise ValueError("this planar flow is not invertible (wᵀû < −1): build it with constrain=True.")
             # wᵀx = α solves α + wᵀû·tanh(α + b) = wᵀy: monotone in α, bracketed within |wᵀû| of wᵀy
             target = y.double() @ w
-            lo, hi = target - abs(wu) - 1, target + abs(wu) + 1
+            lo, hi = target - wu.abs() - 1, target + wu.abs() + 1
             for _ in range(100):
                 mid = (lo + hi) / 2
                 too_big = mid + wu * torch.tanh(mid + b) > target
@@ -505,7 +485,7 @@ class Logit(Transform):
 
     def forward(self, x, context=None):
         s = self.alpha + (1 - 2 * self.alpha) * x
-        if ((s <= 0) | (s >= 1)).any():
+        if validation_enabled() and ((s <= 0) | (s >= 1)).any():
             raise ValueError(f"Logit expects values in [0, 1] (in (0, 1) when alpha = 0), got values in "
                              f"[{x.min().item():.4g}, {x.max().item():.4g}]. Scale the data first, "
                              "e.g. with Scale(1 / levels) for dequantized levels.")
@@ -596,26 +576,34 @@ class UniformDequantization(GenerativeModel):
 
     log P(y) = log ∫ p(y + u) du ≥ E_{u ~ U[0,1)^D} log p(y + u) (Jensen): the
     returned ``log_prob`` is a one-sample estimate of that lower bound, in nats,
-    for the discrete y (bins have volume 1). Samples are ⌊x⌋ for x from the flow.
+    for the discrete y (bins have volume 1). With ``k`` noise draws per object,
+    log (1/k) Σ_i p(y + u_i) is a tighter bound (importance weighting: it
+    never falls in expectation as k grows, and reaches log P(y) as k → ∞).
+    Samples are ⌊x⌋ for x from the flow.
     """
 
     log_prob_is_bound = True
 
     def __init__(self, flow: Flow, levels: int):
-        super().__init__()
-        self.flow, self.levels = flow, check_positive_int(levels, "levels")
+        self.levels = check_positive_int(levels, "levels")
+        super().__init__(flow.event_shape, support=constraints.integer_interval(0, levels - 1))
+        self.flow = flow
 
-    def _check_levels(self, y):
-        y = check_tensor(y, "y", min=0, max=self.levels - 1)
-        if y.is_floating_point() and not torch.equal(y, y.round()):
-            raise ValueError("y should hold integer levels 0..levels-1.")
-        return y
+    def log_prob(self, y: torch.Tensor, context=None, *, k: int = 1) -> torch.Tensor:
+        """log (1/k) Σ_i p(y + u_i) / q(u_i | y), u_i ~ q: a lower bound on log P(y), shape (N,)."""
+        y, _ = self.check_input(y, context)
+        k = check_positive_int(k, "k")
+        log_w = self._log_weights(y.repeat(k, *[1] * (y.dim() - 1))).reshape(k, len(y))
+        return torch.logsumexp(log_w, 0) - math.log(k)
 
-    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        y = self._check_levels(y)
-        return self.flow.log_prob(y.float() + torch.rand(y.shape, device=y.device))
+    def _log_weights(self, y: torch.Tensor) -> torch.Tensor:
+        """log p(y + u) − log q(u | y) for one draw u ~ q per row; q uniform: log q = 0."""
+        u = torch.rand(y.shape, device=y.device, dtype=self.flow.dtype)
+        return self.flow._log_prob(y.to(u.dtype) + u)
 
-    def sample(self, n: int) -> torch.Tensor:
+    @torch.no_grad()
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        self.check_sample_args(n, context)
         return self.flow.sample(n).floor().clamp(0, self.levels - 1).long()
 
 
@@ -632,11 +620,10 @@ class VariationalDequantization(UniformDequantization):
         super().__init__(flow, levels)
         self.noise = noise
 
-    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        y = self._check_levels(y)
-        context = (2 * y.float() / (self.levels - 1) - 1).reshape(len(y), -1)
-        u, log_q = self.noise.sample_and_log_prob(len(y), context)
-        return self.flow.log_prob(y.float() + u.reshape(y.shape)) - log_q
+    def _log_weights(self, y: torch.Tensor) -> torch.Tensor:
+        context = (2 * y.to(self.dtype) / (self.levels - 1) - 1).reshape(len(y), -1)
+        u, log_q = self.noise.rsample_and_log_prob(len(y), context)
+        return self.flow._log_prob(y.to(u.dtype) + u.reshape(y.shape)) - log_q
 
 
 def dequantization_noise(dim: int, *, layers: int = 4, hidden: int = 64) -> Flow:
@@ -657,9 +644,8 @@ class DiscretizedLogistic(GenerativeModel):
     """
 
     def __init__(self, event_shape, levels: int):
-        super().__init__()
-        self.event_shape = (int(event_shape),) if isinstance(event_shape, int) else tuple(event_shape)
         self.levels = check_positive_int(levels, "levels")
+        super().__init__(event_shape, support=constraints.integer_interval(0, levels - 1))
         self.loc = nn.Parameter(torch.full(self.event_shape, (levels - 1) / 2))
         self.log_scale = nn.Parameter(torch.full(self.event_shape, math.log(levels / 4)))
 
@@ -667,18 +653,23 @@ class DiscretizedLogistic(GenerativeModel):
         return torch.sigmoid((v - self.loc) / self.log_scale.exp())
 
     def probs(self, y: torch.Tensor) -> torch.Tensor:
-        """P(y) per dimension, same shape as ``y``."""
-        y = check_tensor(y, "y", min=0, max=self.levels - 1).float()
+        """P(y) per dimension, shape ``(N, *event_shape)``."""
+        return self._probs(self.check_input(y)[0])
+
+    def _probs(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(self.dtype)
         upper = torch.where(y >= self.levels - 1, torch.ones_like(y), self.cdf(y + 0.5))
         lower = torch.where(y <= 0, torch.zeros_like(y), self.cdf(y - 0.5))
         return (upper - lower).clamp_min(1e-12)
 
-    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        return _flat_sum(torch.log(self.probs(y)))
+    def log_prob(self, y: torch.Tensor, context=None) -> torch.Tensor:
+        y, _ = self.check_input(y, context)
+        return _flat_sum(torch.log(self._probs(y)))
 
-    def sample(self, n: int) -> torch.Tensor:
-        check_positive_int(n, "n")
-        u = torch.rand(n, *self.event_shape, device=self.device).clamp(1e-6, 1 - 1e-6)
+    @torch.no_grad()
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        self.check_sample_args(n, context)
+        u = torch.rand(n, *self.event_shape, device=self.device, dtype=self.dtype).clamp(1e-6, 1 - 1e-6)
         v = self.loc + self.log_scale.exp() * (torch.log(u) - torch.log1p(-u))
         return v.round().clamp(0, self.levels - 1).long()
 
@@ -720,7 +711,7 @@ def realnvp_image(image_shape, *, levels: int, scales: int = 2, steps: int = 4, 
 def planar_flow(dim: int = 2, layers: int = 16) -> Flow:
     """A stack of planar flows built for sampling: z ~ N(0, I) is pushed through ``layers`` planar maps.
 
-    Sampling and the density of the samples (``sample_and_log_prob``) are
+    Sampling and the density of the samples (``rsample_and_log_prob``) are
     cheap, which is what reverse-KL fitting needs; ``log_prob`` of an arbitrary
     point inverts every planar map numerically.
     """

@@ -60,12 +60,16 @@ class NLL(NamedTuple):
 
 
 @torch.no_grad()
-def heldout_nll(model, x: torch.Tensor, *, batch_size: int = 512, scale: float = 1.0) -> NLL:
+def heldout_nll(model, x: torch.Tensor, *, batch_size: int = 512, scale: float = 1.0,
+                **log_prob_kwargs) -> NLL:
     """Mean negative ``model.log_prob`` over held-out data ``x`` of shape ``(N, ...)``.
 
     The model is put in eval mode for the evaluation and restored afterwards.
     When ``model.log_prob_is_bound`` is True, the result is an upper bound on
-    the NLL and is reported as such.
+    the NLL and is reported as such; ``log_prob_kwargs`` (e.g. ``k=100``
+    importance samples for a tighter bound) are passed on to ``log_prob``. A
+    model with an estimated normaliser adds its ``log_normalizer_stderr`` to the
+    error bar (see :mod:`dgmlab.base`).
     """
     x = check_tensor(x, "x")
     if x.dim() < 2 or len(x) < 1:
@@ -76,7 +80,7 @@ def heldout_nll(model, x: torch.Tensor, *, batch_size: int = 512, scale: float =
         model.eval()
     device = module_device(model)  # where its first parameter lives
     try:
-        parts = [model.log_prob(x[i : i + batch_size].to(device)).double().cpu()
+        parts = [model.log_prob(x[i : i + batch_size].to(device), **log_prob_kwargs).double().cpu()
                  for i in range(0, len(x), batch_size)]
     finally:
         if was_training:
@@ -90,6 +94,7 @@ def heldout_nll(model, x: torch.Tensor, *, batch_size: int = 512, scale: float =
     nll = -logp
     mean = nll.mean().item()
     stderr = (nll.std(unbiased=True).item() / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    stderr = math.hypot(stderr, getattr(model, "log_normalizer_stderr", 0.0))
     dims = int(x[0].numel())
     return NLL(mean, stderr, float(nats_to_bpd(mean, dims, scale=scale)), dims,
                bool(getattr(model, "log_prob_is_bound", False)))

@@ -3,16 +3,25 @@
 A wrong shape or dtype deep inside a model gives a cryptic error three calls
 later. These helpers fail at the door instead, with a message that says what
 was expected, what arrived and what to do about it.
+
+Shape and dtype checks cost nothing. Checks of the *values* (a range, whole
+numbers, no NaN) read the data, which on a GPU means waiting for it: like
+``torch.distributions``' ``validate_args``, they can be switched off with
+:func:`validation`. :func:`dgmlab.train.fit` checks the whole data set once,
+then trains with the value checks off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
+    "validation",
+    "validation_enabled",
     "as_tensor",
     "check_tensor",
     "check_probabilities",
@@ -26,6 +35,25 @@ _KINDS = {
     "bool": lambda dt: dt == torch.bool,
     "numeric": lambda dt: not dt.is_complex,
 }
+
+
+_ENABLED = True
+
+
+def validation_enabled() -> bool:
+    """Whether value checks (ranges, whole numbers, NaN) run; shape and dtype checks always do."""
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Switch the value checks on or off inside a ``with`` block (restored after it)."""
+    global _ENABLED
+    before, _ENABLED = _ENABLED, bool(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED = before
 
 
 def _format_shape(shape: Sequence[int | None | str]) -> str:
@@ -63,6 +91,8 @@ def check_tensor(
     64-dimensional vectors); ``kind`` is one of ``"float"``, ``"integer"``,
     ``"bool"`` or ``"numeric"``; ``min``/``max`` bound the values inclusively;
     ``whole`` asks for whole numbers of any dtype (discrete levels, not rescaled values).
+    The value checks (``finite``, ``whole``, ``min``, ``max``) are skipped while
+    :func:`validation` is off.
     """
     if convert:
         x = as_tensor(x, name)
@@ -94,6 +124,8 @@ def check_tensor(
             elif kind == "integer":
                 hint = " Convert it with x.long() (after rounding, if it holds levels)."
             raise TypeError(f"{name} should hold {kind} values, got dtype {x.dtype}.{hint}")
+    if not _ENABLED:
+        return x
     if finite and x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values.")
     if whole and x.is_floating_point() and not torch.equal(x, x.round()):

@@ -64,12 +64,12 @@ def test_c10_made_output_depends_only_on_earlier_dimensions(levels):
 @pytest.mark.parametrize("name", list(PIXEL_MODELS))
 def test_c10_pixelcnn_output_depends_only_on_earlier_pixels_and_colours(name):
     model = PIXEL_MODELS[name]()
-    c, h, w = model.image_shape
+    c, h, w = model.event_shape
     for i in range(h):
         for j in range(w):
             for color in range(c):
                 seen = A.receptive_field(model, (i, j), color=color)
-                leak = seen & ~before(model.image_shape, i, j, color)
+                leak = seen & ~before(model.event_shape, i, j, color)
                 assert not leak.any(), f"{name}: pixel ({i}, {j}) colour {color} sees {leak.nonzero().tolist()}"
     # not vacuous: the last pixel sees its left neighbour, and the last colour the first one
     assert A.receptive_field(model, (h - 1, w - 1), color=c - 1)[0, h - 1, w - 2]
@@ -118,14 +118,14 @@ def test_c11_pixelcnn_probabilities_sum_to_one(model):
     torch.manual_seed(0)
     for p in model.parameters():  # random weights, far from any symmetric start
         p.data.normal_(0, 0.5)
-    xs = enumerate_images(model.image_shape, model.levels)
+    xs = enumerate_images(model.event_shape, model.levels)
     total = model.log_prob(xs).double().exp().sum().item()
     assert total == pytest.approx(1.0, abs=1e-5)
 
 
 def test_c11_conditional_pixelcnn_is_normalised_for_every_class():
     model = A.GatedPixelCNN((1, 2, 3), levels=2, channels=4, layers=2, kernel=3, num_classes=3)
-    xs = enumerate_images(model.image_shape, 2)
+    xs = enumerate_images(model.event_shape, 2)
     for y in range(3):
         assert model.log_prob(xs, torch.full((len(xs),), y)).exp().sum().item() == pytest.approx(1.0, abs=1e-5)
 
@@ -136,7 +136,7 @@ def test_c11_made_probabilities_sum_to_one(levels, num_masks):
     for p in made.parameters():
         p.data.normal_(0, 0.5)
     made.eval()
-    xs = torch.tensor(list(itertools.product(range(levels), repeat=made.dim)))
+    xs = torch.tensor(list(itertools.product(range(levels), repeat=made.event_size)))
     assert made.log_prob(xs).double().exp().sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
@@ -173,7 +173,7 @@ def test_c12_sampling_reproduces_the_models_own_distribution(model):
     torch.manual_seed(2)
     for p in model.parameters():
         p.data.normal_(0, 0.7)
-    xs = enumerate_images(model.image_shape, model.levels)
+    xs = enumerate_images(model.event_shape, model.levels)
     probs = model.log_prob(xs).double().exp()
     n = 20_000
     samples = model.sample(n)

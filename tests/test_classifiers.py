@@ -83,7 +83,7 @@ def test_c4_generative_model_is_a_density():
     assert mass == pytest.approx(1.0, abs=1e-3)
     assert gda.log_prior.exp().sum().item() == pytest.approx(1.0)
     torch.manual_seed(0)
-    samples = gda.sample(3000, y=1)
+    samples = gda.sample(3000, context=1)
     assert torch.allclose(samples.mean(0), gda.means[1], atol=0.05)
 
 

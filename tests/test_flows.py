@@ -296,7 +296,7 @@ def test_flow_model_api_and_shapes():
     assert model.log_prob_is_bound and model.log_prob(y).shape == (6,)
     s = model.sample(3)
     assert s.shape == (3, 1, 8, 8) and s.dtype == torch.long and 0 <= s.min() and s.max() <= 16
-    x, log_q = flow.sample_and_log_prob(4)
+    x, log_q = flow.rsample_and_log_prob(4)
     assert torch.allclose(log_q, flow.log_prob(x), atol=1e-3)
 
 

@@ -79,3 +79,24 @@ def test_heldout_nll_feeds_a_plain_module_on_its_own_device():
     model = PlainOnMeta()
     metrics.heldout_nll(model, torch.zeros(5, 3), batch_size=2)
     assert model.seen == [torch.device("meta")] * 3
+
+
+def test_heldout_nll_passes_k_to_a_bound_and_adds_an_estimated_normalisers_error():
+    from dgmlab import flows
+
+    torch.manual_seed(0)
+    model = flows.UniformDequantization(flows.maf_flow(4, layers=1, hidden=(8,), levels=3), 3)
+    y = torch.randint(3, (400, 4), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    loose = metrics.heldout_nll(model, y)
+    torch.manual_seed(0)
+    tight = metrics.heldout_nll(model, y, k=64)
+    assert loose.is_bound and tight.is_bound and tight.nats < loose.nats  # the bound tightens
+
+    class Estimated(baselines.DiagonalGaussian):
+        log_normalizer_stderr = 0.3  # as an RBM whose log Z came from AIS
+
+    x = torch.randn(100, 2)
+    plain, estimated = metrics.heldout_nll(baselines.DiagonalGaussian(2), x), metrics.heldout_nll(Estimated(2), x)
+    assert estimated.nats == plain.nats
+    assert estimated.stderr == pytest.approx(math.hypot(plain.stderr, 0.3))
