@@ -4,19 +4,23 @@ Every file ``dgmlab`` writes (checkpoints, downloads, notebooks, benchmark
 results, pages) goes through :func:`atomic_open`: the bytes go to a temporary
 file in the same folder, are flushed to disk, and the file is renamed over the
 target in one step, so a reader sees the old file or the new one, never a
-fragment, even if the writer is killed half way.
+fragment, even if the writer is killed half way. A writer killed half way
+leaves its temporary file behind (nothing can run after SIGKILL); its name
+carries the writer's process id, so :func:`remove_stale_temporaries` can tell
+it from a write still in progress and delete it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_open", "atomic_write"]
+__all__ = ["atomic_open", "atomic_write", "remove_stale_temporaries"]
 
 
 def _umask() -> int:
@@ -38,7 +42,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, private: bool = Fa
         raise ValueError(f"atomic_open writes whole files: mode should be 'w' or 'wb', got {mode!r}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path, os.getpid()), suffix=suffix)
     try:
         if not private:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private
@@ -64,3 +68,32 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, private: bool = 
     with atomic_open(path, "w" if isinstance(data, str) else "wb", private=private) as f:
         f.write(data)
     return Path(path)
+
+
+def _temporary_prefix(path: Path, pid: int) -> str:
+    return f".{path.name}.pid{pid}."
+
+
+def remove_stale_temporaries(path: str | os.PathLike, suffix: str = ".tmp") -> list[Path]:
+    """Delete the temporary files that killed writers of ``path`` left behind; return them.
+
+    A temporary file whose writer process is still running is left alone.
+    """
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.pid*{suffix}"):
+        pid = tmp.name[len(f".{path.name}.pid"):].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
