@@ -98,34 +98,32 @@ def check_tensor(
         x = as_tensor(x, name)
     elif not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} should be a torch.Tensor, got {type(x).__name__}.")
-    if ndim is not None:
-        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if x.dim() not in allowed:
-            want = " or ".join(str(a) for a in allowed)
-            raise ValueError(
-                f"{name} should have {want} dimensions, got {x.dim()} "
-                f"(shape {tuple(x.shape)})."
-            )
-    if shape is not None:
-        ok = x.dim() == len(shape) and all(
-            s is None or s == d for s, d in zip(shape, x.shape)
-        )
-        if not ok:
-            raise ValueError(
-                f"{name} should have shape {_format_shape(shape)}, got {tuple(x.shape)}."
-            )
+    _check_shape(x, name, ndim, shape)
     if kind is not None:
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}.")
         if not _KINDS[kind](x.dtype):
-            hint = ""
-            if kind == "float":
-                hint = " Convert it with x.float()."
-            elif kind == "integer":
-                hint = " Convert it with x.long() (after rounding, if it holds levels)."
+            hint = {"float": " Convert it with x.float().",
+                    "integer": " Convert it with x.long() (after rounding, if it holds levels)."}.get(kind, "")
             raise TypeError(f"{name} should hold {kind} values, got dtype {x.dtype}.{hint}")
-    if not _ENABLED:
-        return x
+    if _ENABLED:
+        _check_range(x, name, min, max, finite, whole)
+    return x
+
+
+def _check_shape(x: torch.Tensor, name: str, ndim, shape) -> None:
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} should have {want} dimensions, got {x.dim()} (shape {tuple(x.shape)}).")
+    if shape is not None:
+        if x.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+            raise ValueError(f"{name} should have shape {_format_shape(shape)}, got {tuple(x.shape)}.")
+
+
+def _check_range(x: torch.Tensor, name: str, min, max, finite: bool, whole: bool) -> None:
+    """The value checks: they read the data (a device sync)."""
     if finite and x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values.")
     if whole and x.is_floating_point() and not torch.equal(x, x.round()):
@@ -135,10 +133,7 @@ def check_tensor(
         lo, hi = x.min().item(), x.max().item()
         if (min is not None and lo < min) or (max is not None and hi > max):
             rng = f"[{'-inf' if min is None else min}, {'inf' if max is None else max}]"
-            raise ValueError(
-                f"{name} should lie in {rng}, but its values span [{lo:g}, {hi:g}]."
-            )
-    return x
+            raise ValueError(f"{name} should lie in {rng}, but its values span [{lo:g}, {hi:g}].")
 
 
 def check_probabilities(

@@ -61,3 +61,19 @@ def test_model_api_defaults():
     assert not coin.log_prob_is_bound
     with pytest.raises(NotImplementedError, match="Coin does not define sample"):
         coin.sample(3)
+
+
+def test_value_checks_switch_off_and_shape_checks_stay():
+    x = torch.tensor([0.5, 3.0])
+    with pytest.raises(ValueError, match="should lie in"):
+        V.check_tensor(x, "x", min=0, max=1)
+    with V.validation(False):
+        assert not V.validation_enabled()
+        assert V.check_tensor(x, "x", min=0, max=1, whole=True, finite=True) is x  # no read of the data
+        with pytest.raises(ValueError, match="shape"):
+            V.check_tensor(x, "x", shape=(3,), min=0, max=1)
+        with V.validation(True):
+            with pytest.raises(ValueError, match="whole numbers"):
+                V.check_tensor(x, "x", whole=True)
+        assert not V.validation_enabled()
+    assert V.validation_enabled()
