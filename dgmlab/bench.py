@@ -4,7 +4,9 @@
     python -m dgmlab.bench baselines       # run one; print and save its table
 
 Each benchmark returns rows (one per model and data set) with the parameter
-count, training seconds, held-out NLL in nats and bits/dim, and sampling time.
+count, training seconds, held-out NLL in nats and bits/dim, sampling time, and
+the quality of the samples in the features of a classifier trained on the same
+data (:mod:`dgmlab.quality`), each beside the real-data floor.
 The table is printed and written atomically to ``book/results/<name>.md``
 (and ``.json``), where the book includes it: the book shows the latest figures.
 """
@@ -17,18 +19,19 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .files import atomic_write
 
-__all__ = ["BENCHMARKS", "benchmark", "measure", "run", "main", "RESULTS_DIR"]
+__all__ = ["BENCHMARKS", "benchmark", "measure", "Judge", "run", "main", "RESULTS_DIR"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
 BENCHMARKS: dict[str, tuple[Callable[[], list[dict]], str]] = {}
-HEADERS = ("data", "model", "parameters", "training (s)", "s/epoch", "test NLL (nats)", "bits/dim",
-           "density (ms/image)", "sampling (ms/image)")
+HEADERS = ("data", "model", "parameters", "training (s)", "test NLL (nats)", "bits/dim",
+           "FD (real floor)", "precision (floor)", "recall (floor)", "sampling (ms/image)")
 
 
 def benchmark(name: str, description: str):
@@ -39,12 +42,34 @@ def benchmark(name: str, description: str):
     return register
 
 
-def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor,
-            *, samples: int = 100) -> dict:
-    """Fit a model (timed), score it on ``test`` and time ``sample``: one row of a table.
+@dataclass(frozen=True)
+class Judge:
+    """What a model's samples are judged against: real held-out and training objects (as the
+    model produces them, on ``levels`` values) and the feature map of :mod:`dgmlab.quality`."""
 
-    ``fit()`` returns the model, or ``(model, history)`` for a model trained
-    with :func:`dgmlab.train.fit` (then seconds per epoch are reported too).
+    levels: int
+    heldout: torch.Tensor
+    train: torch.Tensor
+    extractor: Callable
+
+    def __call__(self, samples: torch.Tensor) -> dict:
+        """Every sample-quality score of ``samples``, each beside its real-data floor."""
+        from .quality import evaluate_samples, to_unit
+
+        unit = [to_unit(x, self.levels) for x in (samples, self.heldout, self.train)]
+        return evaluate_samples(*unit, self.extractor())
+
+
+def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, judge: Judge,
+            *, samples: int | None = None) -> dict:
+    """Fit a model (timed), score it on ``test``, draw and judge ``samples`` objects: one row.
+
+    ``fit()`` returns the model, or ``(model, history)`` for a model trained with
+    :func:`dgmlab.train.fit` (then seconds per epoch are reported too). ``samples``
+    defaults to the size of the test set (the quality scores are biased by n).
+    Every row carries the same keys, so that tables can be collected: ``nll_nats``,
+    ``nll_is_bound``, ``train_s``, ``sample_ms``, ``fd``, ``fd_floor``, ``fd_ratio``,
+    ``kid``, ``precision``, ``recall``, ``class_entropy`` and more.
     """
     from .metrics import heldout_nll
 
@@ -56,23 +81,24 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor,
     start = time.perf_counter()
     nll = heldout_nll(model, test)
     density_ms = 1000 * (time.perf_counter() - start) / len(test)
+    n = samples or len(test)
+    torch.manual_seed(0)
     start = time.perf_counter()
-    with torch.no_grad():
-        model.sample(samples)
-    sample_ms = 1000 * (time.perf_counter() - start) / samples
+    drawn = model.sample(n)
+    sample_ms = 1000 * (time.perf_counter() - start) / n
     return {"data": data_name, "model": model_name, "parameters": model.num_parameters(),
             "train_s": train_s, "epoch_s": epoch_s, "nll_nats": nll.nats, "bits_per_dim": nll.bpd,
-            "density_ms": density_ms, "sample_ms": sample_ms, "nll_is_bound": nll.is_bound}
+            "nll_is_bound": nll.is_bound, "density_ms": density_ms, "sample_ms": sample_ms, **judge(drawn)}
 
 
 def _format(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
         rel = "≤ " if r.get("nll_is_bound") else ""
-        epoch = "–" if r.get("epoch_s") is None else f"{r['epoch_s']:.2f}"
-        out.append([r["data"], r["model"], f"{r['parameters']:,}", f"{r['train_s']:.2f}", epoch,
-                    f"{rel}{r['nll_nats']:.2f}", f"{r['bits_per_dim']:.3f}", f"{r['density_ms']:.3f}",
-                    f"{r['sample_ms']:.3f}"])
+        out.append([r["data"], r["model"], f"{r['parameters']:,}", f"{r['train_s']:.2f}",
+                    f"{rel}{r['nll_nats']:.2f}", f"{r['bits_per_dim']:.3f}",
+                    f"{r['fd']:.1f} ({r['fd_floor']:.1f})", f"{r['precision']:.2f} ({r['precision_floor']:.2f})",
+                    f"{r['recall']:.2f} ({r['recall_floor']:.2f})", f"{r['sample_ms']:.3f}"])
     return out
 
 
@@ -104,22 +130,43 @@ def run(name: str, out_dir: Path | None = RESULTS_DIR) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- benchmarks
+def digits_judge(variant: str) -> Judge:
+    """Judge samples of the digits (``"binary"`` or ``"levels"``) against the test split."""
+    from . import embedded
+    from .quality import digits_extractor
+
+    test, train = (embedded.digits(s, variant).x for s in ("test", "train"))
+    return Judge(2 if variant == "binary" else embedded.DIGITS_LEVELS, test, train, digits_extractor)
+
+
+def mnist_judge(train: torch.Tensor, test: torch.Tensor) -> Judge:
+    """Judge binarized-MNIST samples against the test set, in the MNIST classifier's features."""
+    from .quality import mnist_extractor
+
+    return Judge(2, test, train, lambda: mnist_extractor(download=False))
+
+
+MNIST_SAMPLES = 1000  # sample-quality scores on MNIST: 1,000 samples against 1,000 test images
+
+
 @benchmark("baselines", "the classical baselines every model in the course has to beat")
 def _baselines() -> list[dict]:
     from . import baselines as B
     from . import datasets, embedded
 
-    rows = []
     xb, xb_test = (embedded.digits(s, "binary", flatten=True).x for s in ("train", "test"))
     xl, xl_test = (embedded.digits(s, "levels", flatten=True).x for s in ("train", "test"))
-    rows.append(measure("digits, binary", "independent pixels",
-                        lambda: B.IndependentBernoulli.from_data(xb, alpha=1.0), xb_test))
-    rows.append(measure("digits, binary", "Markov chain (raster order)",
-                        lambda: B.MarkovChain.from_data(xb, 2, alpha=1.0), xb_test))
-    rows.append(measure("digits, 17 levels", "independent pixels",
-                        lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test))
-    rows.append(measure("digits, 17 levels", "Markov chain (raster order)",
-                        lambda: B.MarkovChain.from_data(xl, 17, alpha=0.5), xl_test))
+    binary, levels = digits_judge("binary"), digits_judge("levels")
+    rows = [
+        measure("digits, binary", "independent pixels",
+                lambda: B.IndependentBernoulli.from_data(xb, alpha=1.0), xb_test, binary),
+        measure("digits, binary", "Markov chain (raster order)",
+                lambda: B.MarkovChain.from_data(xb, 2, alpha=1.0), xb_test, binary),
+        measure("digits, 17 levels", "independent pixels",
+                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test, levels),
+        measure("digits, 17 levels", "Markov chain (raster order)",
+                lambda: B.MarkovChain.from_data(xl, 17, alpha=0.5), xl_test, levels),
+    ]
     try:  # binarized MNIST, when its canonical files can be found
         train = embedded.bernoulli_binarize(datasets.load_mnist("train", download=False)[0], seed=0)
         test = embedded.bernoulli_binarize(datasets.load_mnist("test", download=False)[0], seed=1)
@@ -127,10 +174,11 @@ def _baselines() -> list[dict]:
         print(f"(binarized MNIST skipped: {str(err).splitlines()[0]})", file=sys.stderr)
         return rows
     train, test = train.reshape(len(train), -1), test.reshape(len(test), -1)
-    rows.append(measure("MNIST, binarized", "independent pixels",
-                        lambda: B.IndependentBernoulli.from_data(train, alpha=1.0), test))
-    rows.append(measure("MNIST, binarized", "Markov chain (raster order)",
-                        lambda: B.MarkovChain.from_data(train, 2, alpha=1.0), test))
+    judge = mnist_judge(train, test)
+    rows += [measure("MNIST, binarized", "independent pixels", lambda: B.IndependentBernoulli.from_data(
+                 train, alpha=1.0), test, judge, samples=MNIST_SAMPLES),
+             measure("MNIST, binarized", "Markov chain (raster order)", lambda: B.MarkovChain.from_data(
+                 train, 2, alpha=1.0), test, judge, samples=MNIST_SAMPLES)]
     return rows
 
 
@@ -155,25 +203,28 @@ def _autoregressive() -> list[dict]:
 
     xb, xb_val, xb_test = (embedded.digits(s, "binary", flatten=True).x for s in ("train", "val", "test"))
     xl, xl_val, xl_test = (embedded.digits(s, "levels").x for s in ("train", "val", "test"))
-    rows = [
+    binary, levels = digits_judge("binary"), digits_judge("levels")
+
+    def pixelcnn(model, epochs):
+        return _fit_timed(model, xl, xl_val, epochs=epochs, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING)
+
+    return [
         measure("digits, binary", "independent pixels", lambda: B.IndependentBernoulli.from_data(xb, alpha=1.0),
-                xb_test),
+                xb_test, binary),
         measure("digits, binary", "MADE (500 units, 8 orderings)", lambda: _fit_timed(
             A.MADE(64, **A.DIGITS_MADE), xb, xb_val, epochs=1000, budget=DIGITS_BUDGET_S,
-            **A.DIGITS_MADE_TRAINING), xb_test),
+            **A.DIGITS_MADE_TRAINING), xb_test, binary),
         measure("digits, 17 levels", "independent pixels",
-                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test),
-        measure("digits, 17 levels", "PixelCNN (blind spot), categorical", lambda: _fit_timed(
-            A.PixelCNN((1, 8, 8), levels=17, channels=48, layers=4, kernel=3, first_kernel=7), xl, xl_val,
-            epochs=40, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
-        measure("digits, 17 levels", "gated PixelCNN, categorical", lambda: _fit_timed(
-            A.GatedPixelCNN((1, 8, 8), levels=17, **{**A.DIGITS_PIXELCNN, "output": "categorical"}), xl, xl_val,
-            epochs=30, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
-        measure("digits, 17 levels", "gated PixelCNN, logistic mixture", lambda: _fit_timed(
-            A.GatedPixelCNN((1, 8, 8), levels=17, **A.DIGITS_PIXELCNN), xl, xl_val,
-            epochs=30, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), xl_test),
+                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test, levels),
+        measure("digits, 17 levels", "PixelCNN (blind spot), categorical", lambda: pixelcnn(
+            A.PixelCNN((1, 8, 8), levels=17, channels=48, layers=4, kernel=3, first_kernel=7), 40),
+            xl_test, levels),
+        measure("digits, 17 levels", "gated PixelCNN, categorical", lambda: pixelcnn(
+            A.GatedPixelCNN((1, 8, 8), levels=17, **{**A.DIGITS_PIXELCNN, "output": "categorical"}), 30),
+            xl_test, levels),
+        measure("digits, 17 levels", "gated PixelCNN, logistic mixture", lambda: pixelcnn(
+            A.GatedPixelCNN((1, 8, 8), levels=17, **A.DIGITS_PIXELCNN), 30), xl_test, levels),
     ]
-    return rows
 
 
 @benchmark("autoregressive-mnist", "MADE on binarized MNIST, 6 minutes of CPU training (needs the MNIST files)")
@@ -184,12 +235,13 @@ def _autoregressive_mnist() -> list[dict]:
 
     train_x, val_x, test_x = (datasets.binarized_mnist(s, download=False).reshape(-1, 784)
                               for s in ("train", "val", "test"))
-
+    judge = mnist_judge(train_x, test_x)
     return [measure("MNIST, binarized", "independent pixels",
-                    lambda: B.IndependentBernoulli.from_data(train_x, alpha=1.0), test_x),
+                    lambda: B.IndependentBernoulli.from_data(train_x, alpha=1.0), test_x, judge,
+                    samples=MNIST_SAMPLES),
             measure("MNIST, binarized", "MADE (1000 units), 6 min", lambda: _fit_timed(
                 A.MADE(784, **A.MNIST_MADE), train_x, val_x, budget=360, **A.MNIST_MADE_TRAINING), test_x,
-                samples=20)]
+                judge, samples=MNIST_SAMPLES)]
 
 
 @benchmark("flows", "MAF and RealNVP on the 17-level digits, at most 60 s of CPU training each, two dequantizations")
@@ -200,27 +252,30 @@ def _flows() -> list[dict]:
 
     xl, xl_val, xl_test = (embedded.digits(s).x for s in ("train", "val", "test"))
     flat = [x.reshape(len(x), -1) for x in (xl, xl_val, xl_test)]
+    levels = digits_judge("levels")
+
+    def dequantized(flow, variational: bool):
+        if not variational:
+            return F.UniformDequantization(flow, 17)
+        return F.VariationalDequantization(flow, F.dequantization_noise(64, **F.DIGITS_NOISE), 17)
 
     def maf(variational: bool):
-        flow = F.maf_flow(64, levels=17, **F.DIGITS_MAF)
-        model = (F.VariationalDequantization(flow, F.dequantization_noise(64, **F.DIGITS_NOISE), 17)
-                 if variational else F.UniformDequantization(flow, 17))
+        model = dequantized(F.maf_flow(64, levels=17, **F.DIGITS_MAF), variational)
         return _fit_timed(model, flat[0], flat[1], epochs=80, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
 
     def realnvp(variational: bool):
-        flow = F.realnvp_image((1, 8, 8), levels=17, **F.DIGITS_REALNVP)
-        model = (F.VariationalDequantization(flow, F.dequantization_noise(64, **F.DIGITS_NOISE), 17)
-                 if variational else F.UniformDequantization(flow, 17))
+        model = dequantized(F.realnvp_image((1, 8, 8), levels=17, **F.DIGITS_REALNVP), variational)
         return _fit_timed(model, xl, xl_val, epochs=60, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
 
     torch.manual_seed(0)
     return [
         measure("digits, 17 levels", "independent pixels",
-                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test),
-        measure("digits, 17 levels", "MAF, uniform dequantization", lambda: maf(False), flat[2]),
-        measure("digits, 17 levels", "MAF, variational dequantization", lambda: maf(True), flat[2]),
-        measure("digits, 17 levels", "RealNVP, uniform dequantization", lambda: realnvp(False), xl_test),
-        measure("digits, 17 levels", "RealNVP, variational dequantization", lambda: realnvp(True), xl_test),
+                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test, levels),
+        measure("digits, 17 levels", "MAF, uniform dequantization", lambda: maf(False), flat[2], levels),
+        measure("digits, 17 levels", "MAF, variational dequantization", lambda: maf(True), flat[2], levels),
+        measure("digits, 17 levels", "RealNVP, uniform dequantization", lambda: realnvp(False), xl_test, levels),
+        measure("digits, 17 levels", "RealNVP, variational dequantization", lambda: realnvp(True), xl_test,
+                levels),
     ]
 
 

@@ -334,30 +334,31 @@ def fit_gaussian_1d(
         peaks = ((log_pi[1:-1] > log_pi[:-2]) & (log_pi[1:-1] >= log_pi[2:])).nonzero().squeeze(1) + 1
         peaks = peaks[log_pi[peaks].argsort(descending=True)][:4]
         starts = tuple(x[peaks].tolist()) + (mean.item(),)
-    best = (math.inf, mean.item(), var.sqrt().item())
-    for m0 in starts:
-        mu = torch.tensor(float(m0), dtype=torch.float64, requires_grad=True)
-        log_sigma = torch.tensor(0.5 * math.log(max(var.item(), 1e-6)) - 0.5, dtype=torch.float64,
-                                 requires_grad=True)
-        opt = torch.optim.LBFGS([mu, log_sigma], lr=1.0, max_iter=200, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-10, tolerance_change=1e-12)
+    fits = [_reverse_kl_fit(x, dx, log_pi, float(m0), var.item()) for m0 in starts]
+    value, mu, sigma = min(fits, key=lambda fit: fit[0])  # the first of the best
+    return (mu, sigma) if value < math.inf else (mean.item(), var.sqrt().item())
 
-        def reverse_kl():
-            log_q = -0.5 * ((x - mu) / log_sigma.exp()) ** 2
-            # q normalised on the grid: a q spilling off the grid must not look cheaper
-            log_q = log_q - torch.logsumexp(log_q, 0) - math.log(dx)
-            # E_q[log q − log π]; where π underflows, cap the log so the gradient stays finite
-            return (log_q.exp() * (log_q - log_pi.clamp_min(-700.0))).sum() * dx
 
-        def closure():
-            opt.zero_grad()
-            loss = reverse_kl()
-            loss.backward()
-            return loss
+def _reverse_kl_fit(x, dx: float, log_pi: torch.Tensor, m0: float, var: float) -> tuple[float, float, float]:
+    """Minimise KL(q ‖ π) over q = N(μ, σ²) from μ = m0 by L-BFGS: (KL, μ, σ)."""
+    mu = torch.tensor(m0, dtype=torch.float64, requires_grad=True)
+    log_sigma = torch.tensor(0.5 * math.log(max(var, 1e-6)) - 0.5, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([mu, log_sigma], lr=1.0, max_iter=200, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-12)
 
-        opt.step(closure)
-        with torch.no_grad():
-            value = reverse_kl().item()
-        if value < best[0]:
-            best = (value, mu.item(), log_sigma.exp().item())
-    return best[1], best[2]
+    def reverse_kl():
+        log_q = -0.5 * ((x - mu) / log_sigma.exp()) ** 2
+        # q normalised on the grid: a q spilling off the grid must not look cheaper
+        log_q = log_q - torch.logsumexp(log_q, 0) - math.log(dx)
+        # E_q[log q − log π]; where π underflows, cap the log so the gradient stays finite
+        return (log_q.exp() * (log_q - log_pi.clamp_min(-700.0))).sum() * dx
+
+    def closure():
+        opt.zero_grad()
+        loss = reverse_kl()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return reverse_kl().item(), mu.item(), log_sigma.exp().item()
