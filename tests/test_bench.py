@@ -6,6 +6,9 @@ import pytest
 
 from dgmlab import baselines, bench, embedded, metrics
 
+ROW_KEYS = {"nll_nats", "nll_is_bound", "train_s", "sample_ms", "fd", "fd_floor", "fd_ratio", "kid",
+            "precision", "recall", "class_entropy"}
+
 
 def test_baselines_benchmark_rows_match_a_direct_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("DGMLAB_DATA", str(tmp_path / "nothing-here"))  # no MNIST: digits rows only
@@ -16,6 +19,10 @@ def test_baselines_benchmark_rows_match_a_direct_evaluation(tmp_path, monkeypatc
     assert rows[0]["nll_nats"] == pytest.approx(direct.nats)
     assert rows[0]["parameters"] == 64 and rows[3]["parameters"] == baselines.parameter_count("markov", 64, 17)
     assert all(r["train_s"] >= 0 and r["sample_ms"] > 0 for r in rows)
+    assert all(ROW_KEYS <= set(r) for r in rows)
+    # the samples of independent pixels are far from the data, beside a floor shared by the rows
+    assert all(r["fd_ratio"] > 1.5 and r["fd"] == pytest.approx(r["fd_ratio"] * r["fd_floor"]) for r in rows)
+    assert rows[0]["fd_floor"] == rows[1]["fd_floor"] != rows[2]["fd_floor"] == rows[3]["fd_floor"]
     table = (tmp_path / "baselines.md").read_text()
     assert "| digits, binary | independent pixels | 64 |" in table and "do not edit" in table
     saved = json.loads((tmp_path / "baselines.json").read_text())
@@ -29,12 +36,21 @@ def test_cli_lists_and_refuses_unknown_benchmarks(capsys):
     assert "unknown benchmark" in capsys.readouterr().err
 
 
-def test_markdown_marks_bounds():
+def test_markdown_marks_bounds_and_shows_each_score_beside_its_floor():
     row = {"data": "d", "model": "m", "parameters": 1, "train_s": 0.0, "nll_nats": 1.0,
-           "bits_per_dim": 0.1, "density_ms": 0.1, "sample_ms": 0.1, "nll_is_bound": True}
-    assert "≤ 1.00" in bench.markdown_table([row])
+           "bits_per_dim": 0.1, "density_ms": 0.1, "sample_ms": 0.1, "nll_is_bound": True,
+           "fd": 12.34, "fd_floor": 1.5, "precision": 0.5, "precision_floor": 0.8,
+           "recall": 0.25, "recall_floor": 0.75}
+    table = bench.markdown_table([row])
+    assert "≤ 1.00" in table and "| 12.3 (1.5) | 0.50 (0.80) | 0.25 (0.75) |" in table
 
 
-def test_book_results_are_the_benchmark_format():
-    table = (bench.RESULTS_DIR / "baselines.md").read_text()
+@pytest.mark.parametrize("name", sorted(bench.BENCHMARKS))
+def test_book_results_are_the_benchmark_format(name):
+    """Every table the book includes was written by the current benchmark code: same columns,
+    and every row with the keys the model zoo collects."""
+    table = (bench.RESULTS_DIR / f"{name}.md").read_text()
     assert table.splitlines()[1].startswith("| " + " | ".join(bench.HEADERS))
+    saved = json.loads((bench.RESULTS_DIR / f"{name}.json").read_text())
+    assert saved["benchmark"] == name and saved["rows"]
+    assert all(ROW_KEYS <= set(r) for r in saved["rows"])

@@ -759,7 +759,7 @@ def test_data_are_checked_once_then_training_runs_without_value_checks():
 def test_a_checkpoint_with_one_flipped_byte_inside_a_tensor_is_refused(tmp_path):
     import zipfile
 
-    data, ckpt = make_data(), tmp_path / "run.pt"
+    ckpt = tmp_path / "run.pt"
     fit(GaussianMean(8), make_data(dim=8), epochs=1, checkpoint=ckpt, progress=False)
     with zipfile.ZipFile(ckpt) as archive:  # where the first stored tensor's bytes begin
         entry = next(i for i in archive.infolist() if "/data/" in i.filename)
