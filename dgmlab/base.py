@@ -41,8 +41,10 @@ parameters each named optimiser trains. The default is one optimiser,
 **Input checks** happen once, at the public boundary: ``log_prob`` and
 ``sample`` call :meth:`check_input` / :meth:`check_sample_args`, which
 compare shapes (free) and, while :func:`dgmlab.validate.validation` is on,
-the values against ``support`` (one device sync). Layers inside a model do not
-check again.
+the values against ``support`` (one device sync). A layer inside a model
+that checks its inputs' values (a logit's domain) does so only while
+validation is on. :func:`dgmlab.train.fit` checks its whole data set once,
+then trains with value checks off.
 """
 
 from __future__ import annotations
