@@ -9,14 +9,21 @@
   nbval's ``--nbval-lax`` is a global switch, so the per-folder choice is made
   here, exactly as ``--nbval-lax`` would: a cell keeps output checking only if
   it is marked ``# NBVAL_CHECK_OUTPUT``.
+* No notebook cell may show an object's repr (``<torch._C.Generator object at
+  0x…>``, the value of ``torch.manual_seed``): every nbval cell, in ``book/`` and
+  ``solutions/`` alike, fails if its output holds one.
 * Every kernel the tests start (nbval's, and nbclient's) talks over Unix
   sockets, and nbval's is started again if it dies at start: with two workers
   starting kernels side by side, TCP ports can collide (see
   ``dgmlab/grading/kernels.py``).
 """
 
+import json
 import os
+import re
 from pathlib import Path
+
+import pytest
 
 os.environ["DGMLAB_FULL"] = "0"  # inherited by every notebook kernel pytest starts
 
@@ -62,3 +69,21 @@ def pytest_collection_modifyitems(config, items):
         if any(folder.resolve() in path.parents for folder in LAX_FOLDERS):
             marked = "NBVAL_CHECK_OUTPUT" in cell.source or "nbval-check-output" in cell.metadata.get("tags", [])
             options["check"] = bool(marked)
+
+
+OBJECT_REPR = re.compile(r"<[\w.]+ (?:object )?at 0x[0-9a-fA-F]+>|object at 0x[0-9a-fA-F]+")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fail an nbval cell whose output shows an object repr, whatever nbval compares."""
+    outcome = yield
+    report = outcome.get_result()
+    outputs = getattr(item, "test_outputs", None)
+    if call.when != "call" or not report.passed or not outputs:
+        return
+    found = OBJECT_REPR.search(json.dumps(outputs))
+    if found:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.name}: the output shows an object repr, {found.group(0)!r}. End the "
+                           "line with ';' or assign the value (_ = torch.manual_seed(0)).")

@@ -7,7 +7,10 @@ and returns the axes so cells can add to them.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import textwrap
 from collections.abc import Callable, Mapping
 
 import matplotlib as mpl
@@ -27,6 +30,7 @@ __all__ = [
     "density_grid",
     "scatter_samples",
     "training_curves",
+    "show_source",
 ]
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -250,3 +254,33 @@ def training_curves(
         ax.set_title(title)
     return ax
 
+
+
+def show_source(obj, *, docstring: bool = False):
+    """The library's own code of ``obj`` (a function, class or method), shown as a code block.
+
+    A chapter shows the layer it teaches with this instead of a copy, so the page
+    never drifts from what runs. The docstring is left out unless ``docstring``
+    (the chapter's prose explains the code). Renders in Jupyter and in the book.
+    """
+    from IPython.display import Markdown
+
+    try:
+        lines, _ = inspect.getsourcelines(obj)
+    except (TypeError, OSError) as err:
+        raise TypeError(f"show_source needs a function, class or method of the library, got {obj!r} ({err}).")
+    text = textwrap.dedent("".join(lines))
+    if not docstring:
+        text = _without_docstring(text)
+    return Markdown(f"```python\n{text.rstrip()}\n```")
+
+
+def _without_docstring(text: str) -> str:
+    """``text`` (the source of one function or class) without its docstring's lines."""
+    body = ast.parse(text).body[0].body
+    first = body[0] if body else None
+    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        return text
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[: first.lineno - 1] + lines[first.end_lineno:])

@@ -103,3 +103,23 @@ def test_book_code_fits_the_page(path):
     """The book's code column shows about 80 characters; longer lines scroll sideways."""
     long = [(i, line) for i, c in enumerate(code_cells(path)) for line in c.source.splitlines() if len(line) > 80]
     assert long == [], f"code lines over 80 characters (cell, line): {long[:3]}"
+
+
+def test_a_cell_whose_output_shows_an_object_repr_fails(tmp_path):
+    """conftest.py fails any nbval cell that prints a repr such as <torch._C.Generator at 0x…>."""
+    import shutil
+    import subprocess
+    import sys
+
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    shutil.copy(ROOT / "conftest.py", tmp_path)  # the hook under test, beside a probe notebook
+    nb = new_notebook(cells=[new_code_cell("import torch\ntorch.manual_seed(0)"),
+                             new_code_cell("_ = torch.manual_seed(0)\nprint('seeded')")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "probe.ipynb")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-c", "/dev/null", "--rootdir", str(tmp_path),
+                          "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env", "-rf",
+                          str(tmp_path / "probe.ipynb")], capture_output=True, text=True, timeout=180)
+    assert "1 failed, 1 passed" in run.stdout, run.stdout[-2000:]
+    assert "object repr" in run.stdout and "torch._C.Generator" in run.stdout

@@ -78,3 +78,16 @@ def test_importing_viz_leaves_matplotlib_alone_until_a_notebook_opts_in():
              "dgmlab.viz.use_style(); print(mpl.rcParams['axes.spines.top'])")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:2] == ["[]", "False"]
+
+
+def test_show_source_shows_the_librarys_own_code_without_its_docstring():
+    from dgmlab import flows
+
+    shown = viz.show_source(flows.Planar.forward).data
+    assert shown.startswith("```python\ndef forward(self, x, context=None):") and shown.endswith("\n```")
+    assert "y = x + u * torch.tanh(a)[:, None]" in shown  # the line the lecture's equation names
+    whole = viz.show_source(flows.Planar).data
+    assert whole.startswith("```python\nclass Planar(Transform):\n") and flows.Planar.__doc__[:30] not in whole
+    assert flows.Planar.__doc__.strip()[:30] in viz.show_source(flows.Planar, docstring=True).data
+    with pytest.raises(TypeError, match="function, class or method"):
+        viz.show_source(3)
