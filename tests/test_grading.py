@@ -274,7 +274,7 @@ def test_expect_function_matches_gives_each_function_its_own_arguments():
 
 ANSWER = '''def bernoulli_mle(x):
     """Return the MLE of a Bernoulli parameter."""
-    # Hint: the MLE of a Bernoulli parameter is the fraction of ones.
+    # Task: return the maximum-likelihood estimate of a Bernoulli parameter from the tosses x.
     ### BEGIN SOLUTION
     heads = sum(x)
     return heads / len(x)
@@ -303,21 +303,27 @@ def coin_solution() -> nbformat.NotebookNode:
                                      metadata={"tags": ["solution-only"]}))
 
 
-def test_exercise_replaces_solutions_with_hinted_stubs():
+def test_exercise_replaces_solutions_with_stubs_that_state_the_task():
     exercise = nbs.make_exercise(coin_solution(), "coins.ipynb")
     assert exercise.cells[2].source == (
         'def bernoulli_mle(x):\n    """Return the MLE of a Bernoulli parameter."""\n'
-        "    # Hint: the MLE of a Bernoulli parameter is the fraction of ones.\n"
+        "    # Task: return the maximum-likelihood estimate of a Bernoulli parameter from the tosses x.\n"
         "    # YOUR CODE HERE\n"
-        '    raise NotImplementedError("Replace this line with your code. Hint: the MLE of a '
-        'Bernoulli parameter is the fraction of ones.")')
+        '    raise NotImplementedError("Replace this line with your code. Task: return the '
+        'maximum-likelihood estimate of a Bernoulli parameter from the tosses x.")')
 
 
-def test_multi_line_hint_is_joined():
-    answer = ("def f(x):\n    # Some context.\n    # Hint: first part,\n    #   second part.\n"
+def test_multi_line_task_is_joined():
+    answer = ("def f(x):\n    # Some context.\n    # Task: first part,\n    #   second part.\n"
               "    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION")
     exercise = nbs.make_exercise(solution_nb(answer))
-    assert "Hint: first part, second part.\")" in exercise.cells[0].source
+    assert "Task: first part, second part.\")" in exercise.cells[0].source
+
+
+def test_a_hint_above_a_solution_is_refused_because_students_would_see_it_first():
+    answer = "def f(x):\n    # Hint: add one.\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION"
+    with pytest.raises(nbs.NotebookError, match=r"shown before the student answers.*check\(\.\.\., hint=\.\.\.\)"):
+        nbs.make_exercise(solution_nb(answer))
 
 
 def test_exercise_drops_hidden_tests_solution_only_cells_and_run_state():
@@ -349,7 +355,7 @@ def test_nbgrader_metadata_on_both_versions():
 
 
 def test_method_solutions_get_qualified_answer_ids():
-    cls = ("class Model:\n    def forward(self, x):\n        # Hint: double it.\n"
+    cls = ("class Model:\n    def forward(self, x):\n        # Task: double it.\n"
            "        ### BEGIN SOLUTION\n        return 2 * x\n        ### END SOLUTION")
     annotated = nbs.annotate_solution(solution_nb(cls, cls))
     ids = [c.metadata["nbgrader"]["grade_id"] for c in annotated.cells]
@@ -361,20 +367,20 @@ def hidden(body: str) -> str:
 
 
 REFUSALS = {
-    "no hint": ("def f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION",
-                "line 2: this solution block has no hint"),
-    "indentation 0": ("# Hint: h\n### BEGIN SOLUTION\nx = 1\n### END SOLUTION",
+    "no task": ("def f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION",
+                "line 2: this solution block has no task"),
+    "indentation 0": ("# Task: h\n### BEGIN SOLUTION\nx = 1\n### END SOLUTION",
                       "line 2: this solution block is at indentation 0"),
-    "outside a function": ("if True:\n    # Hint: h\n    ### BEGIN SOLUTION\n    x = 1\n"
+    "outside a function": ("if True:\n    # Task: h\n    ### BEGIN SOLUTION\n    x = 1\n"
                            "    ### END SOLUTION", "line 3: this solution block is not inside a function"),
-    "never closed": ("def f(x):\n    # Hint: h\n    ### BEGIN SOLUTION\n    return x",
+    "never closed": ("def f(x):\n    # Task: h\n    ### BEGIN SOLUTION\n    return x",
                      "line 3: this block is never closed"),
     "END without BEGIN": ("def f(x):\n    return x\n    ### END SOLUTION",
                           "line 3: '### END SOLUTION' has no matching BEGIN"),
-    "nested": ("def f(x):\n    # Hint: h\n    ### BEGIN SOLUTION\n    ### BEGIN SOLUTION\n"
+    "nested": ("def f(x):\n    # Task: h\n    ### BEGIN SOLUTION\n    ### BEGIN SOLUTION\n"
                "    return x\n    ### END SOLUTION\n    ### END SOLUTION",
                "line 4: '### BEGIN SOLUTION' inside"),
-    "malformed marker": ("def f(x):\n    # Hint: h\n    ## BEGIN SOLUTION\n    return x",
+    "malformed marker": ("def f(x):\n    # Task: h\n    ## BEGIN SOLUTION\n    return x",
                          "line 3: malformed marker"),
     "hidden tests outside check": ("x = 1\n### BEGIN HIDDEN TESTS\nx = 2\n### END HIDDEN TESTS",
                                    "line 2: this hidden-tests region is outside"),
@@ -476,7 +482,7 @@ def test_find_leaks_catches_planted_solution_hidden_test_and_marker():
 
 
 def test_find_leaks_ignores_trivial_and_visible_lines():
-    answer = ("def f(x):\n    # Hint: h\n    ### BEGIN SOLUTION\n    y = helper(x)\n    return y\n"
+    answer = ("def f(x):\n    # Task: h\n    ### BEGIN SOLUTION\n    y = helper(x)\n    return y\n"
               "    ### END SOLUTION")
     solution = solution_nb("def helper(x):\n    y = helper(x)\n    return x", answer)
     exercise = nbs.make_exercise(solution)
@@ -498,7 +504,7 @@ def test_guard_code_rebinds_only_what_the_checks_use_at_the_setup_cells_lines():
                      "from dgmlab.grading import check, expect_close, expect_true",
                      "from builtins import float"]
     # A setup cell holding a solution is never re-run, only its imports.
-    answer = "import math\n\ndef helper(k):\n    # Hint: h\n    ### BEGIN SOLUTION\n    return 2\n    ### END SOLUTION"
+    answer = "import math\n\ndef helper(k):\n    # Task: h\n    ### BEGIN SOLUTION\n    return 2\n    ### END SOLUTION"
     guard = nbs.guard_code(solution_nb(answer, test)).splitlines()
     assert guard == ["", "", "", "", "", "", "",
                      "from dgmlab.grading import check, expect_close, expect_true",
@@ -514,7 +520,7 @@ ASSIGNMENT = [
     "from dgmlab.grading import check, expect_close, expect_equal, expect_function_matches",
     '''def add(a, b):
     """Return a + b."""
-    # Hint: use the + operator.
+    # Task: use the + operator.
     ### BEGIN SOLUTION
     return a + b
     ### END SOLUTION''',
@@ -525,7 +531,7 @@ ASSIGNMENT = [
     ### END HIDDEN TESTS''',
     '''def mean(xs):
     """Return the average of a non-empty list of numbers."""
-    # Hint: divide the sum by the number of items.
+    # Task: divide the sum by the number of items.
     ### BEGIN SOLUTION
     total = sum(xs)
     return total / len(xs)
@@ -536,7 +542,7 @@ ASSIGNMENT = [
     expect_close(mean([7.0]), 7.0, what="mean([7.0])")
     ### END HIDDEN TESTS''',
     '''def square(x):
-    # Hint: multiply x by itself.
+    # Task: multiply x by itself.
     ### BEGIN SOLUTION
     return x * x
     ### END SOLUTION''',

@@ -4,7 +4,9 @@
 exercise. The generator turns it into ``exercises/NN_topic.ipynb`` by
 
 * replacing each ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` block with a
-  stub that raises ``NotImplementedError`` carrying the ``# Hint:`` above it;
+  stub that raises ``NotImplementedError`` carrying the ``# Task:`` above it
+  (what to compute, never how: hints are the check's ``hint=``, shown only
+  after a wrong answer);
 * deleting ``### BEGIN HIDDEN TESTS`` ... ``### END HIDDEN TESTS`` regions and
   cells tagged ``solution-only``;
 * clearing outputs, execution counts and timing metadata, and locking check cells.
@@ -58,7 +60,8 @@ _MARKER = re.compile(
 )
 _MARKER_WORDS = re.compile(r"(BEGIN|END)\s+(SOLUTION|HIDDEN\s+TESTS)")
 _ID = re.compile(r"[A-Za-z0-9_-]+")
-_HINT = re.compile(r"^\s*#\s*Hint:\s*", re.IGNORECASE)
+_TASK = re.compile(r"^\s*#\s*Task:\s*", re.IGNORECASE)
+_HINT = re.compile(r"^\s*#\s*Hint:", re.IGNORECASE)
 _TIMING_KEYS = ("execution", "ExecuteTime")
 
 
@@ -81,7 +84,7 @@ class _Region:
     begin: int  # 0-based line index of the BEGIN marker
     end: int  # 0-based line index of the END marker
     indent: str
-    hint: str = ""
+    task: str = ""
 
 
 @dataclass
@@ -272,16 +275,21 @@ def _check_hidden_regions(
                    regions[0].begin + 1)
 
 
-def _hint_above(lines: list[str], begin: int) -> str:
-    """The ``# Hint:`` comment line(s) directly above a BEGIN marker, as one sentence."""
+def _comments_above(lines: list[str], begin: int) -> list[str]:
+    """The comment lines directly above a BEGIN marker."""
     top = begin
     while top > 0 and lines[top - 1].strip().startswith("#") and not _MARKER.match(lines[top - 1]):
         top -= 1
-    block = lines[top:begin]
-    starts = [i for i, line in enumerate(block) if _HINT.match(line)]
+    return lines[top:begin]
+
+
+def _task_above(lines: list[str], begin: int) -> str:
+    """The ``# Task:`` comment line(s) directly above a BEGIN marker, as one sentence."""
+    block = _comments_above(lines, begin)
+    starts = [i for i, line in enumerate(block) if _TASK.match(line)]
     if not starts:
         return ""
-    texts = [_HINT.sub("", line) if _HINT.match(line) else line.strip().lstrip("#")
+    texts = [_TASK.sub("", line) if _TASK.match(line) else line.strip().lstrip("#")
              for line in block[starts[0]:]]
     return " ".join(" ".join(t.split()) for t in texts if t.strip())
 
@@ -309,7 +317,7 @@ def _enclosing_function(tree: ast.Module, line: int) -> str | None:
 def _check_solution_region(
     region: _Region, lines: list[str], tree: ast.Module, where: _Where
 ) -> tuple[_Region, str]:
-    """Validate one solution block; return it with its hint and its function's name."""
+    """Validate one solution block; return it with its task and its function's name."""
     line = region.begin + 1
     if not region.indent:
         where.fail("this solution block is at indentation 0, so its stub would stop the "
@@ -318,15 +326,19 @@ def _check_solution_region(
             if lines[i].strip() and not lines[i].strip().startswith("#")]
     if not code:
         where.fail("this solution block is empty", line)
-    hint = _hint_above(lines, region.begin)
-    if not hint:
-        where.fail("this solution block has no hint: add a '# Hint: ...' comment line directly "
-                   "above '### BEGIN SOLUTION' (students see it in the stub's message)", line)
+    if any(_HINT.match(c) for c in _comments_above(lines, region.begin)):
+        where.fail("a '# Hint:' above a solution block is shown before the student answers; say "
+                   "what to compute with '# Task: ...' and put the hint in check(..., hint=...), "
+                   "which is shown after a wrong answer", line)
+    task = _task_above(lines, region.begin)
+    if not task:
+        where.fail("this solution block has no task: add a '# Task: ...' comment line directly "
+                   "above '### BEGIN SOLUTION' (what to compute; students see it in the stub)", line)
     function = _enclosing_function(tree, code[0] + 1)
     if function is None:
         where.fail("this solution block is not inside a function body, so its stub would stop "
                    "the exercise notebook there; move it into a function", line)
-    return _Region(region.kind, region.begin, region.end, region.indent, hint), function
+    return _Region(region.kind, region.begin, region.end, region.indent, task), function
 
 
 def _plan_code_cell(source: str, index: int, where: _Where) -> _CellPlan:
@@ -368,7 +380,7 @@ def _exercise_source(source: str, regions: list[_Region]) -> str:
     for r in sorted(regions, key=lambda r: r.begin):
         out += lines[start:r.begin]
         if r.kind == "solution":
-            text = f"Replace this line with your code. Hint: {r.hint}"
+            text = f"Replace this line with your code. Task: {r.task}"
             literal = json.dumps(text, ensure_ascii=False)  # JSON escapes are valid Python
             out += [f"{r.indent}# YOUR CODE HERE",
                     f"{r.indent}raise NotImplementedError({literal})"]
