@@ -30,6 +30,7 @@ __all__ = ["BENCHMARKS", "benchmark", "measure", "Judge", "run", "main", "RESULT
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
 BENCHMARKS: dict[str, tuple[Callable[[], list[dict]], str]] = {}
+GRID = 16  # samples per model in a benchmark's figure
 HEADERS = ("data", "model", "parameters", "training (s)", "test NLL (nats)", "bits/dim",
            "FD (real floor)", "precision (floor)", "recall (floor)", "sampling (ms/image)")
 
@@ -53,11 +54,17 @@ class Judge:
     reference: torch.Tensor
     extractor: Callable
 
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Objects on ``levels`` values as images in [0, 1]."""
+        from .quality import to_unit
+
+        return to_unit(x, self.levels)
+
     def __call__(self, samples: torch.Tensor) -> dict:
         """Every sample-quality score of ``samples``, each beside its real-data floor."""
-        from .quality import evaluate_samples, to_unit
+        from .quality import evaluate_samples
 
-        unit = [to_unit(x, self.levels) for x in (samples, self.heldout, self.reference)]
+        unit = [self.unit(x) for x in (samples, self.heldout, self.reference)]
         return evaluate_samples(*unit, self.extractor())
 
 
@@ -70,7 +77,9 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     defaults to the size of the test set (the quality scores are biased by n).
     Every row carries the same keys, so that tables can be collected: ``nll_nats``,
     ``nll_is_bound``, ``train_s``, ``sample_ms``, ``fd``, ``fd_floor``, ``fd_ratio``,
-    ``kid``, ``precision``, ``recall``, ``class_entropy`` and more.
+    ``kid``, ``precision``, ``recall``, ``class_entropy`` and more; under ``grid``, the
+    first :data:`GRID` samples as [0, 1] images, which :func:`run` draws and keeps out
+    of the JSON.
     """
     from .metrics import heldout_nll
 
@@ -90,7 +99,8 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     sample_ms = 1000 * (time.perf_counter() - start) / n
     return {"data": data_name, "model": model_name, "parameters": model.num_parameters(),
             "train_s": train_s, "epoch_s": epoch_s, "nll_nats": nll.nats, "bits_per_dim": nll.bpd,
-            "nll_is_bound": nll.is_bound, "density_ms": density_ms, "sample_ms": sample_ms, **judge(drawn)}
+            "nll_is_bound": nll.is_bound, "density_ms": density_ms, "sample_ms": sample_ms, **judge(drawn),
+            "grid": judge.unit(drawn[:GRID]).reshape(-1, *judge.heldout.shape[-3:]).cpu()}
 
 
 def _format(rows: list[dict]) -> list[list[str]]:
@@ -118,17 +128,45 @@ def run(name: str, out_dir: Path | None = RESULTS_DIR) -> list[dict]:
     fn, description = BENCHMARKS[name]
     torch.manual_seed(0)
     rows = fn()
+    grids = [row.pop("grid") for row in rows]
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
     table = markdown_table(rows)
     print(f"{name}: {description}\n({machine})\n\n{table}")
     if out_dir is not None:
+        atomic_write(Path(out_dir) / f"{name}.png", sample_figure(rows, grids))
         note = (f"<!-- written by `python -m dgmlab.bench {name}`; do not edit by hand -->\n"
                 f"{table}\n\n*Measured on {machine}.*\n")
         atomic_write(Path(out_dir) / f"{name}.md", note)
         atomic_write(Path(out_dir) / f"{name}.json",
                       json.dumps({"benchmark": name, "machine": machine, "rows": rows}, indent=1) + "\n")
     return rows
+
+
+def sample_figure(rows: list[dict], grids: list[torch.Tensor], *, max_bytes: int = 100_000) -> bytes:
+    """One panel of samples per row, titled with the model (its budget) and its test NLL: PNG bytes.
+
+    The resolution is lowered until the file is at most ``max_bytes`` (the book stays light).
+    """
+    import io
+    import textwrap
+
+    from matplotlib.figure import Figure
+
+    from .viz import image_grid
+
+    fig = Figure(figsize=(1.75 * len(rows), 2.5))
+    for ax, row, grid in zip(fig.subplots(1, len(rows), squeeze=False)[0], rows, grids):
+        nll = f"NLL {'≤ ' if row['nll_is_bound'] else ''}{row['nll_nats']:.1f} nats"
+        image_grid(grid, nrow=4, ax=ax, vmax=1.0)
+        ax.set_title(f"{textwrap.fill(row['model'], 20)}\n{nll}", fontsize=7)
+    fig.tight_layout()
+    for dpi in (110, 90, 72, 56):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+        if buffer.tell() <= max_bytes:
+            break
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------- benchmarks
@@ -142,14 +180,19 @@ def digits_judge(variant: str) -> Judge:
     return Judge(2 if variant == "binary" else embedded.DIGITS_LEVELS, test, val, digits_extractor)
 
 
-def mnist_judge() -> Judge:
-    """Judge binarized-MNIST samples against the test set; the floor is that of the last
-    10,000 training images, which the feature classifier holds out as its validation set."""
-    from .datasets import binarized_mnist
+def mnist_judge(levels: int = 2) -> Judge:
+    """Judge MNIST samples (binarized, or 8-bit with ``levels=256``) against the test set; the
+    floor is that of the last 10,000 training images, which the feature classifier and the
+    models hold out as their validation set."""
+    from .datasets import binarized_mnist, load_mnist
     from .quality import mnist_extractor
 
-    test, val = (binarized_mnist(s, download=False) for s in ("test", "val"))
-    return Judge(2, test, val, lambda: mnist_extractor(download=False))
+    if levels == 2:
+        test, val = (binarized_mnist(s, download=False) for s in ("test", "val"))
+    else:
+        test, val = load_mnist("test", download=False)[0], load_mnist("train", download=False)[0][-10_000:]
+    return Judge(levels, test.long() if levels > 2 else test, val.long() if levels > 2 else val,
+                 lambda: mnist_extractor(download=False))
 
 
 MNIST_SAMPLES = 1000  # sample-quality scores on MNIST: 1,000 samples against 1,000 test images
@@ -233,56 +276,51 @@ def _autoregressive() -> list[dict]:
     ]
 
 
-@benchmark("autoregressive-mnist", "MADE on binarized MNIST, 6 minutes of CPU training (needs the MNIST files)")
+# Full-size models the CPU trains in minutes: the budgets of the MNIST benchmarks
+MNIST_PIXELCNN = dict(levels=2, channels=32, layers=4, kernel=5, first_kernel=7)
+MNIST_PIXELCNN_TRAINING = dict(epochs=10, batch_size=64, lr=2e-3, optimizer="adamw", weight_decay=1e-4)
+MNIST_FLOW = dict(levels=256, scales=2, steps=4, hidden=32)
+MNIST_FLOW_TRAINING = dict(epochs=10, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=1e-5,
+                           clip_grad_norm=50.0)
+MNIST_BUDGET_S = 600.0
+
+
+@benchmark("autoregressive-mnist", "MADE (6 min) and a gated PixelCNN (10 min) on binarized MNIST, on the CPU "
+           "(needs the MNIST files)")
 def _autoregressive_mnist() -> list[dict]:
     from . import autoregressive as A
     from . import baselines as B
     from . import datasets
 
-    train_x, val_x, test_x = (datasets.binarized_mnist(s, download=False).reshape(-1, 784)
-                              for s in ("train", "val", "test"))
+    images = {s: datasets.binarized_mnist(s, download=False) for s in ("train", "val", "test")}
+    train_x, val_x, test_x = (images[s].reshape(-1, 784) for s in ("train", "val", "test"))
     judge = mnist_judge()
     return [measure("MNIST, binarized", "independent pixels",
                     lambda: B.IndependentBernoulli.from_data(train_x, alpha=1.0), test_x, judge,
                     samples=MNIST_SAMPLES),
             measure("MNIST, binarized", "MADE (1000 units), 6 min", lambda: _fit_timed(
                 A.MADE(784, **A.MNIST_MADE), train_x, val_x, budget=360, **A.MNIST_MADE_TRAINING), test_x,
-                judge, samples=MNIST_SAMPLES)]
+                judge, samples=MNIST_SAMPLES),
+            measure("MNIST, binarized", "gated PixelCNN, 10 min", lambda: _fit_timed(
+                A.GatedPixelCNN((1, 28, 28), **MNIST_PIXELCNN), images["train"].long(), images["val"].long(), budget=MNIST_BUDGET_S,
+                **MNIST_PIXELCNN_TRAINING), images["test"].long(), judge, samples=MNIST_SAMPLES)]
 
 
-@benchmark("flows", "MAF and RealNVP on the 17-level digits, at most 60 s of CPU training each, two dequantizations")
-def _flows() -> list[dict]:
-    from . import baselines as B
-    from . import embedded
+@benchmark("flows-mnist", "a multi-scale RealNVP on 8-bit MNIST, 10 minutes of CPU training (needs the MNIST files)")
+def _flows_mnist() -> list[dict]:
+    from . import datasets
     from . import flows as F
 
-    xl, xl_val, xl_test = (embedded.digits(s).x for s in ("train", "val", "test"))
-    flat = [x.reshape(len(x), -1) for x in (xl, xl_val, xl_test)]
-    levels = digits_judge("levels")
+    images = datasets.load_mnist("train", download=False)[0].long()
+    train_x, val_x = images[:-10_000], images[-10_000:]
+    test_x = datasets.load_mnist("test", download=False)[0].long()
 
-    def dequantized(flow, variational: bool):
-        if not variational:
-            return F.UniformDequantization(flow, 17)
-        return F.VariationalDequantization(flow, F.dequantization_noise(64, **F.DIGITS_NOISE), 17)
+    def realnvp():
+        model = F.UniformDequantization(F.realnvp_image((1, 28, 28), **MNIST_FLOW), 256)
+        return _fit_timed(model, train_x, val_x, budget=MNIST_BUDGET_S, **MNIST_FLOW_TRAINING)
 
-    def maf(variational: bool):
-        model = dequantized(F.maf_flow(64, levels=17, **F.DIGITS_MAF), variational)
-        return _fit_timed(model, flat[0], flat[1], epochs=80, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
-
-    def realnvp(variational: bool):
-        model = dequantized(F.realnvp_image((1, 8, 8), levels=17, **F.DIGITS_REALNVP), variational)
-        return _fit_timed(model, xl, xl_val, epochs=60, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
-
-    torch.manual_seed(0)
-    return [
-        measure("digits, 17 levels", "independent pixels",
-                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test, levels),
-        measure("digits, 17 levels", "MAF, uniform dequantization", lambda: maf(False), flat[2], levels),
-        measure("digits, 17 levels", "MAF, variational dequantization", lambda: maf(True), flat[2], levels),
-        measure("digits, 17 levels", "RealNVP, uniform dequantization", lambda: realnvp(False), xl_test, levels),
-        measure("digits, 17 levels", "RealNVP, variational dequantization", lambda: realnvp(True), xl_test,
-                levels),
-    ]
+    return [measure("MNIST, 8-bit", "RealNVP (2 scales), uniform dequantization, 10 min", realnvp, test_x,
+                    mnist_judge(256), samples=MNIST_SAMPLES)]
 
 
 def main(argv=None) -> int:

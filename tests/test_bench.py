@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dgmlab import baselines, bench, embedded, metrics
 
@@ -26,7 +27,9 @@ def test_baselines_benchmark_rows_match_a_direct_evaluation(tmp_path, monkeypatc
     table = (tmp_path / "baselines.md").read_text()
     assert "| digits, binary | independent pixels | 64 |" in table and "do not edit" in table
     saved = json.loads((tmp_path / "baselines.json").read_text())
-    assert saved["rows"] == rows
+    assert saved["rows"] == rows and "grid" not in rows[0]  # the samples are drawn, not saved
+    png = (tmp_path / "baselines.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) <= 100_000
 
 
 def test_cli_lists_and_refuses_unknown_benchmarks(capsys):
@@ -54,3 +57,21 @@ def test_book_results_are_the_benchmark_format(name):
     saved = json.loads((bench.RESULTS_DIR / f"{name}.json").read_text())
     assert saved["benchmark"] == name and saved["rows"]
     assert all(ROW_KEYS <= set(r) for r in saved["rows"])
+    png = bench.RESULTS_DIR / f"{name}.png"  # its sample grids, shown beside the table
+    assert png.is_file() and png.stat().st_size <= 100_000
+
+
+def test_sample_figure_has_a_titled_panel_per_row_and_stays_small():
+    import io
+
+    import matplotlib.image
+
+    rows = [{"model": f"model {i} with a long name, 10 min", "nll_nats": 90.0 + i, "nll_is_bound": i == 1}
+            for i in range(3)]
+    digits = embedded.digits("test", "unit").x
+    grids = [digits[16 * i: 16 * (i + 1)] for i in range(3)]
+    png = bench.sample_figure(rows, grids, max_bytes=100_000)
+    image = matplotlib.image.imread(io.BytesIO(png))
+    assert len(png) <= 100_000 and image.shape[1] > 2 * image.shape[0]  # three panels side by side
+    smaller = bench.sample_figure(rows, grids, max_bytes=len(png) - 1)
+    assert len(smaller) < len(png)  # a tighter limit lowers the resolution
