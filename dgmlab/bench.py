@@ -277,8 +277,8 @@ def _autoregressive() -> list[dict]:
 
 
 # Full-size models the CPU trains in minutes: the budgets of the MNIST benchmarks
-MNIST_PIXELCNN = dict(levels=2, channels=32, layers=4, kernel=5, first_kernel=7)
-MNIST_PIXELCNN_TRAINING = dict(epochs=10, batch_size=64, lr=2e-3, optimizer="adamw", weight_decay=1e-4)
+MNIST_PIXELCNN = dict(levels=2, channels=16, layers=4, kernel=3, first_kernel=5)
+MNIST_PIXELCNN_TRAINING = dict(epochs=10, batch_size=128, lr=3e-3, optimizer="adamw", weight_decay=1e-4)
 MNIST_FLOW = dict(levels=256, scales=2, steps=4, hidden=32)
 MNIST_FLOW_TRAINING = dict(epochs=10, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=1e-5,
                            clip_grad_norm=50.0)

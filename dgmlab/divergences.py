@@ -1,19 +1,23 @@
 """Divergences between distributions (Chapter 2).
 
-An f-divergence compares π with p through the ratio u = π/p, averaged under p:
+An f-divergence compares π with p through the ratio u = π/p. For a convex
+generator f with f(1) = 0, with its edge limits f(0⁺) = lim_{u→0⁺} f(u) and
+f'(∞) = lim_{u→∞} f(u)/u (either may be +inf),
 
-    D_f(π ‖ p) = E_p f(π(x) / p(x)) = ∫ p(x) f(π(x) / p(x)) dx,
+    D_f(π ‖ p) = ∫_{p>0} p(x) f(π(x) / p(x)) dx + f'(∞) · π({x : p(x) = 0}),
 
-for a convex generator f with f(1) = 0 (so that D_f(π ‖ π) = 0 and, by Jensen,
-D_f ≥ f(E_p[π/p]) = f(1) = 0). The generators of the lecture's table are in
-:data:`GENERATORS`, each with its closed form written out independently, so
-the two can be checked against each other.
+with the integrand read as p · f(0⁺) where π is 0 (and 0 · inf = 0). When π
+puts no mass where p = 0 (π ≪ p) this is E_p f(π/p). D_f ≥ 0 with equality
+at π = p, and only there when f is strictly convex at 1 (proof in the
+lecture, by a line through (1, 0) below f). The generators of the lecture's
+table are in :data:`GENERATORS`, each with its closed form written out
+independently, so the two can be checked against each other.
 
-Where one density vanishes, ``p f(π/p)`` is read as its limit: p · f(0⁺) where
-π is 0, and π · lim_{u→∞} f(u)/u where p is 0 -- also where π/p underflows to 0
-or overflows float64 (p subnormal), so that tiny densities behave like zero
-ones. An infinite limit makes the divergence ``inf`` (never NaN): KL(π ‖ p) is
-infinite as soon as π puts mass where p has none.
+Points where one density vanishes get these limits (:func:`_pointwise`), and
+so do points where π/p underflows to 0 or overflows float64 (p subnormal), so
+that tiny densities behave like zero ones. An infinite limit makes the
+divergence ``inf`` (never NaN): KL(π ‖ p) is infinite as soon as π puts mass
+where p has none, and for disjoint supports every D_f is f(0⁺) + f'(∞).
 
 Three ways to evaluate D_f: between discrete distributions
 (:func:`f_divergence`), between densities on a grid (:func:`f_divergence_grid`)
@@ -132,22 +136,28 @@ def _check_pair(pi, p):
     return pi, p
 
 
-def _pointwise(g: FGenerator, pi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def _pointwise(g: FGenerator, pi: torch.Tensor,
+               p: torch.Tensor) -> torch.Tensor:
     """p · f(π/p) at every point, with the limits where π or p vanish (float64)."""
     both = (p > 0) & (pi > 0)
     ratio = torch.where(both, pi / torch.where(both, p, 1.0), 1.0)
     value = g.f(ratio)
-    out = torch.where(both, p * value, torch.zeros_like(p))
-    # π = 0, or π/p underflows to 0: p · f(0⁺)
-    out = torch.where((p > 0) & ((pi == 0) | (ratio == 0)), p * g.f0, out)
-    # p = 0, or π/p (or f(π/p)) overflows: lim_{p→0} p f(π/p) = π · lim_{u→∞} f(u)/u
-    # (inf·π stays inf, never NaN)
+    out = torch.where(both, p * value, torch.zeros_like(p))  # π = p = 0: 0
+    # π = 0 < p (or π/p underflows to 0): p · f(0⁺)
+    vanishes = (p > 0) & ((pi == 0) | (ratio == 0))
+    out = torch.where(vanishes, p * g.f0, out)
+    # p = 0 < π (or π/p, or f(π/p), overflows): the limit of p · f(π/p)
+    # as p → 0, which is π · lim_{u→∞} f(u)/u (inf · π stays inf, never NaN)
     overflow = both & (ratio > 1) & ~torch.isfinite(value)
-    return torch.where(((p == 0) & (pi > 0)) | overflow, pi * g.slope_at_infinity, out)
+    outside = ((p == 0) & (pi > 0)) | overflow
+    return torch.where(outside, pi * g.slope_at_infinity, out)
 
 
 def f_divergence(gen: str | FGenerator, pi, p) -> torch.Tensor:
     """D_f(π ‖ p) = Σ_x p(x) f(π(x)/p(x)) for discrete distributions over the last axis.
+
+    Outcomes where π or p is 0 contribute the definition's edge limits:
+    p · f(0⁺) where π = 0, and π · f'(∞) where p = 0.
 
     ``pi`` and ``p`` have the same shape ``(..., K)``; returns shape ``(...)``
     (float64). Infinite where the divergence is infinite.
@@ -221,7 +231,8 @@ def f_divergence_grid(gen: str | FGenerator, log_pi: torch.Tensor, log_p: torch.
 
 
 # ---------------------------------------------------------------------------- Monte Carlo
-def mc_f_divergence(gen: str | FGenerator, log_pi: torch.Tensor, log_p: torch.Tensor) -> MCEstimate:
+def mc_f_divergence(gen: str | FGenerator, log_pi: torch.Tensor,
+                    log_p: torch.Tensor) -> MCEstimate:
     """Monte-Carlo D_f(π ‖ p) = E_p f(π/p) from samples x_i ~ p: pass log π(x_i) and log p(x_i), shape (n,).
 
     Where π/p underflows to 0, f(π/p) is read as f(0⁺); where it overflows
@@ -231,24 +242,32 @@ def mc_f_divergence(gen: str | FGenerator, log_pi: torch.Tensor, log_p: torch.Te
     """
     g = f_generator(gen)
     log_pi = check_tensor(log_pi, "log_pi", ndim=1, kind="float").double()
-    log_p = check_tensor(log_p, "log_p", shape=(len(log_pi),), kind="float").double()
+    log_p = check_tensor(log_p, "log_p", shape=(len(log_pi),),
+                         kind="float").double()
     if not torch.isfinite(log_p).all():
-        raise ValueError("log_p must be finite: the samples x_i are drawn from p, so p(x_i) > 0.")
-    ratio = torch.exp(log_pi - log_p)
+        raise ValueError("log_p must be finite: the samples x_i are drawn "
+                         "from p, so p(x_i) > 0.")
+    ratio = torch.exp(log_pi - log_p)  # u_i = π(x_i) / p(x_i)
     values = torch.where(ratio > 0, g.f(torch.where(ratio > 0, ratio, 1.0)),
-                         torch.full_like(ratio, g.f0))
-    limit = math.copysign(math.inf, g.slope_at_infinity) if g.slope_at_infinity else -math.inf
+                         torch.full_like(ratio, g.f0))  # f(u_i); f(0⁺) at 0
+    if g.slope_at_infinity:  # u_i overflowed: f(u_i) is lim_{u→∞} f(u)
+        limit = math.copysign(math.inf, g.slope_at_infinity)
+    else:
+        limit = -math.inf
     values = torch.where((ratio > 1) & torch.isnan(values), limit, values)
-    return _mc_estimate(values)
+    return _mc_estimate(values)  # mean of the f(u_i), and its standard error
 
 
 def mc_kl(log_pi: torch.Tensor, log_p: torch.Tensor) -> MCEstimate:
     """Monte-Carlo KL(π ‖ p) = E_π[log π − log p] from samples x_i ~ π (the lower-variance form)."""
     log_pi = check_tensor(log_pi, "log_pi", ndim=1, kind="float").double()
-    log_p = check_tensor(log_p, "log_p", shape=(len(log_pi),), kind="float").double()
+    log_p = check_tensor(log_p, "log_p", shape=(len(log_pi),),
+                         kind="float").double()
     if not torch.isfinite(log_pi).all():
-        raise ValueError("log_pi must be finite: the samples x_i are drawn from π, so π(x_i) > 0.")
-    return _mc_estimate(log_pi - log_p)  # −inf in log_p gives an infinite estimate, as it should
+        raise ValueError("log_pi must be finite: the samples x_i are drawn "
+                         "from π, so π(x_i) > 0.")
+    # −inf in log_p (p(x_i) = 0) gives an infinite estimate, as it should
+    return _mc_estimate(log_pi - log_p)
 
 
 def _mc_estimate(values: torch.Tensor) -> MCEstimate:
@@ -339,19 +358,25 @@ def fit_gaussian_1d(
     return (mu, sigma) if value < math.inf else (mean.item(), var.sqrt().item())
 
 
-def _reverse_kl_fit(x, dx: float, log_pi: torch.Tensor, m0: float, var: float) -> tuple[float, float, float]:
+def _reverse_kl_fit(x, dx: float, log_pi: torch.Tensor, m0: float,
+                    var: float) -> tuple[float, float, float]:
     """Minimise KL(q ‖ π) over q = N(μ, σ²) from μ = m0 by L-BFGS: (KL, μ, σ)."""
     mu = torch.tensor(m0, dtype=torch.float64, requires_grad=True)
-    log_sigma = torch.tensor(0.5 * math.log(max(var, 1e-6)) - 0.5, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([mu, log_sigma], lr=1.0, max_iter=200, line_search_fn="strong_wolfe",
+    log_sigma = torch.tensor(0.5 * math.log(max(var, 1e-6)) - 0.5,
+                             dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([mu, log_sigma], lr=1.0, max_iter=200,
+                            line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-12)
 
     def reverse_kl():
         log_q = -0.5 * ((x - mu) / log_sigma.exp()) ** 2
-        # q normalised on the grid: a q spilling off the grid must not look cheaper
+        # q normalised on the grid: a q spilling off the grid must not
+        # look cheaper
         log_q = log_q - torch.logsumexp(log_q, 0) - math.log(dx)
-        # E_q[log q − log π]; where π underflows, cap the log so the gradient stays finite
-        return (log_q.exp() * (log_q - log_pi.clamp_min(-700.0))).sum() * dx
+        # E_q[log q − log π] as a Riemann sum; where π underflows, cap its
+        # log so that the gradient stays finite
+        integrand = log_q.exp() * (log_q - log_pi.clamp_min(-700.0))
+        return integrand.sum() * dx
 
     def closure():
         opt.zero_grad()

@@ -68,15 +68,16 @@ def hellinger_gaussians(m1, s1, m2, s2):
 @pytest.mark.parametrize("m1,s1,m2,s2", [(0.5, 1.3, -0.2, 1.0), (0.0, 0.7, 1.0, 0.9), (2.0, 1.0, 2.0, 1.5)])
 def test_c6_f_divergence_equals_the_closed_form_on_gaussians(m1, s1, m2, s2):
     x, dx = D.grid_1d(-25, 25, 20001)
-    log_pi, log_p = Normal(m1, s1).log_prob(x), Normal(m2, s2).log_prob(x)
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731  (float32 parameters cost 1e-6 here)
+    log_pi, log_p = Normal(f64(m1), f64(s1)).log_prob(x), Normal(f64(m2), f64(s2)).log_prob(x)
 
     def kl(ma, sa, mb, sb):
-        return D.kl_gaussians(torch.tensor([ma]), torch.tensor([[sa**2]]), torch.tensor([mb]), torch.tensor([[sb**2]])).item()
+        return D.kl_gaussians(f64([ma]), f64([[sa**2]]), f64([mb]), f64([[sb**2]])).item()
 
     exact = {"kl": kl(m1, s1, m2, s2), "reverse_kl": kl(m2, s2, m1, s1),
              "pearson": chi2_gaussians(m1, s1, m2, s2), "hellinger": hellinger_gaussians(m1, s1, m2, s2)}
     for name, value in exact.items():
-        assert D.f_divergence_grid(name, log_pi, log_p, dx).item() == pytest.approx(value, rel=1e-5, abs=1e-9), name
+        assert D.f_divergence_grid(name, log_pi, log_p, dx).item() == pytest.approx(value, rel=1e-10, abs=1e-12), name
     # JS and GAN have no Gaussian closed form: check them against their table formulas on the grid
     for name in ("js", "gan"):
         masses = (log_pi.exp() * dx, log_p.exp() * dx)
@@ -126,6 +127,45 @@ def test_infinite_divergences_are_inf_not_nan():
     x, dx = D.grid_1d(-1, 1, 201)
     inside = torch.where(x.abs() < 0.5, 0.0, -math.inf).double()
     assert D.f_divergence_grid("kl", torch.full_like(x, -math.log(2)), inside - math.log(dx * 100), dx).item() == math.inf
+
+
+def test_kl_is_infinite_exactly_when_pi_puts_mass_where_p_has_none():
+    pi, p = random_simplex(5, 400, seed=8, sparse=True), random_simplex(5, 400, seed=9, sparse=True)
+    outside = ((p == 0) & (pi > 0)).any(-1)
+    assert 0 < outside.sum() < len(pi)  # both cases occur
+    kl = D.f_divergence("kl", pi, p)
+    assert torch.equal(torch.isinf(kl), outside)  # on finitely many outcomes: the only way to be infinite
+    reverse = D.f_divergence("kl", p, pi)
+    assert torch.equal(torch.isinf(reverse), ((pi == 0) & (p > 0)).any(-1))
+    # the reverse-KL generator prices the same mistake through f(0⁺) = ∞
+    via_generator = D.f_divergence("reverse_kl", pi, p)
+    assert torch.equal(torch.isinf(via_generator), torch.isinf(reverse))
+    finite = ~torch.isinf(reverse)
+    assert torch.allclose(via_generator[finite], reverse[finite], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(D.GENERATORS))
+def test_disjoint_supports_give_the_edge_constant_whatever_the_distance(name):
+    g = D.GENERATORS[name]
+    box = torch.zeros(21, 30, dtype=torch.float64)
+    for s in range(21):
+        box[s, s:s + 10] = 0.1  # uniform on {s, ..., s + 9}
+    d = D.f_divergence(name, box[0].expand_as(box), box)
+    disjoint = d[10:]
+    assert (disjoint == g.f0 + g.slope_at_infinity).all()  # f(0⁺) + f'(∞), the same at every shift
+    if name == "js":  # grows linearly while the boxes overlap, then stuck at log 2
+        assert torch.allclose(d[:11], torch.arange(11, dtype=torch.float64) / 10 * math.log(2), atol=1e-12)
+    if name == "kl":
+        assert torch.isinf(d[1:]).all() and d[0] == 0
+
+
+def test_a_generator_strictly_convex_only_at_one_still_gives_a_divergence():
+    # total variation, f(u) = ½|u − 1|: straight on either side of u = 1, with a kink at 1
+    tv = D.FGenerator("tv", "total variation", lambda u: 0.5 * (u - 1).abs(), 0.5, 0.5, r"\tfrac12|u - 1|", "")
+    pi, p = random_simplex(6, 500, seed=10, sparse=True), random_simplex(6, 500, seed=11, sparse=True)
+    d = D.f_divergence(tv, pi, p)
+    assert torch.allclose(d, 0.5 * (pi - p).abs().sum(-1), atol=1e-12)  # the edge limits included
+    assert (d > 0).all() and (D.f_divergence(tv, pi, pi) == 0).all()
 
 
 @pytest.mark.parametrize("tiny", [1e-310, 5e-324])  # subnormal p: π/p overflows to inf
