@@ -49,6 +49,9 @@ __all__ = [
     "conv_mask",
     "PixelCNN",
     "GatedPixelCNN",
+    "GatedLayer",
+    "shift_down",
+    "gate",
     "discretized_logistic_mixture_log_prob",
     "receptive_field",
     "DIGITS_MADE",
@@ -85,32 +88,39 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
-def made_degrees(order: torch.Tensor, hidden: Sequence[int], generator: torch.Generator | None = None):
+def made_degrees(order: torch.Tensor, hidden: Sequence[int],
+                 generator: torch.Generator | None = None
+                 ) -> list[torch.Tensor]:
     """Degrees of the input and hidden units of a MADE.
 
-    ``order`` (D,) holds each input's position in the ordering (0 = first).
-    Hidden units get degrees drawn from {min degree below, ..., D − 2}: a
-    unit of degree d may only see inputs of degree ≤ d, and may only feed
-    outputs of degree > d, so degree D − 1 would be useless.
+    ``order`` (D,) holds each input's position in the ordering (0 = first):
+    that is its degree. Each hidden unit gets a degree drawn uniformly from
+    {lowest degree of the layer below, ..., D − 2}: a unit of degree d may
+    only see inputs of degree ≤ d, and may only feed outputs of degree > d,
+    so degree D − 1 would feed nothing.
     """
     order = check_tensor(order, "order", ndim=1, kind="integer")
     d = len(order)
     degrees = [order.long()]
     for size in hidden:
         lowest = min(int(degrees[-1].min()), d - 2)
-        degrees.append(torch.randint(lowest, max(d - 1, lowest + 1), (size,), generator=generator))
+        highest = max(d - 2, lowest)
+        degrees.append(torch.randint(lowest, highest + 1, (size,),
+                                     generator=generator))
     return degrees
 
 
 def made_masks(degrees: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Masks (out, in) from degrees: hidden layers keep d_out ≥ d_in; the output layer d_out > d_in.
+    """Masks (out, in) from degrees: M[k, k'] = 1[d_out(k) ≥ d_in(k')] in the hidden layers,
+    and M[j, k] = 1[d_j > d(k)] at the output.
 
     The strict inequality at the output is what makes output j depend on
-    inputs earlier in the ordering only (the output units carry the input degrees).
+    inputs earlier in the ordering only (output j carries input j's degree).
     """
-    masks = [(d_out[:, None] >= d_in[None, :]).float() for d_in, d_out in zip(degrees[:-1], degrees[1:])]
-    masks.append((degrees[0][:, None] > degrees[-1][None, :]).float())
-    return masks
+    hidden = [(d_out[:, None] >= d_in[None, :]).float()  # d_out ≥ d_in
+              for d_in, d_out in zip(degrees[:-1], degrees[1:])]
+    output = (degrees[0][:, None] > degrees[-1][None, :]).float()  # d_j > d_k
+    return hidden + [output]
 
 
 class MaskedMLP(nn.Module):
@@ -341,7 +351,8 @@ def _groups(n: int, colors: int, halves: int = 1) -> torch.Tensor:
     return (torch.arange(n) % per) * colors // per
 
 
-def conv_mask(kernel: tuple[int, int], kind: str, in_groups: torch.Tensor, out_groups: torch.Tensor) -> torch.Tensor:
+def conv_mask(kernel: tuple[int, int], kind: str, in_groups: torch.Tensor,
+              out_groups: torch.Tensor) -> torch.Tensor:
     """The 0/1 mask (out, in, kh, kw) of a masked convolution.
 
     ``kind``: ``"A"`` / ``"B"`` — a full PixelCNN kernel: rows above, then the
@@ -352,30 +363,37 @@ def conv_mask(kernel: tuple[int, int], kind: str, in_groups: torch.Tensor, out_g
     check_choice(kind, "kind", ("A", "B", "H-A", "H-B"))
     kh, kw = kernel
     mask = torch.zeros(len(out_groups), len(in_groups), kh, kw)
-    ci, cj = kh // 2, kw // 2
+    ci, cj = kh // 2, kw // 2  # the centre: the pixel being predicted
     if kind in ("A", "B"):
         mask[:, :, :ci, :] = 1  # every row above the centre
-    mask[:, :, ci, :cj] = 1  # pixels to the left of the centre
-    strict = kind.endswith("A")
-    allowed = (out_groups[:, None] > in_groups[None, :]) if strict else (out_groups[:, None] >= in_groups[None, :])
-    mask[:, :, ci, cj] = allowed.float()
+    mask[:, :, ci, :cj] = 1  # the pixels left of the centre
+    out_g, in_g = out_groups[:, None], in_groups[None, :]
+    if kind.endswith("A"):  # the centre: earlier colours only
+        mask[:, :, ci, cj] = (out_g > in_g).float()
+    else:  # the centre: earlier colours and the colour itself
+        mask[:, :, ci, cj] = (out_g >= in_g).float()
     return mask
 
 
 class MaskedConv2d(nn.Conv2d):
     """A convolution whose kernel is multiplied by a fixed mask (see :func:`conv_mask`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel, kind: str, *, colors: int = 1,
-                 out_halves: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, kernel, kind: str,
+                 *, colors: int = 1, out_halves: int = 1):
         kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
         if any(k % 2 == 0 for k in kernel):
-            raise ValueError(f"kernel sizes should be odd (the mask is centred on the pixel), got {kernel}.")
-        super().__init__(in_channels, out_channels, kernel, padding=(kernel[0] // 2, kernel[1] // 2))
-        mask = conv_mask(kernel, kind, _groups(in_channels, colors), _groups(out_channels, colors, out_halves))
-        self.register_buffer("mask", mask)
+            raise ValueError("kernel sizes should be odd (the mask is centred "
+                             f"on the pixel), got {kernel}.")
+        super().__init__(in_channels, out_channels, kernel,
+                         padding=(kernel[0] // 2, kernel[1] // 2))
+        in_groups = _groups(in_channels, colors)  # the colour of each channel
+        out_groups = _groups(out_channels, colors, out_halves)
+        self.register_buffer("mask", conv_mask(kernel, kind, in_groups,
+                                               out_groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+        return F.conv2d(x, self.weight * self.mask, self.bias,
+                        padding=self.padding)
 
 
 def discretized_logistic_mixture_log_prob(params: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -544,14 +562,30 @@ class PixelCNN(_PixelModel):
         return h
 
 
-class _GatedLayer(nn.Module):
+def shift_down(t: torch.Tensor) -> torch.Tensor:
+    """Move a feature map (N, C, H, W) down by one row; zeros enter at the top.
+
+    Row i of the result is row i − 1 of ``t``. The gated PixelCNN hands its
+    vertical stack to the horizontal stack through this shift, so that what
+    reaches row i has only seen rows < i.
+    """
+    return F.pad(t, (0, 0, 1, 0))[:, :, :-1]
+
+
+def gate(t: torch.Tensor) -> torch.Tensor:
+    """The gated activation tanh(a) ⊙ σ(b) of t = [a | b] (channels split in two halves)."""
+    a, b = t.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
     """One layer of the gated PixelCNN: vertical stack (rows above) and horizontal stack (left).
 
     The vertical stack at row r sees rows r − k//2 ... r, all of it, widening by
-    k//2 columns per layer. It is handed to the horizontal stack shifted down
-    by one row, so the horizontal stack at row i only ever gets rows < i from
-    it, plus the pixels left of it in its own row: together, everything before
-    the pixel and nothing after.
+    k//2 columns per layer (:meth:`look_up`). It is handed to the horizontal
+    stack shifted down by one row (:func:`shift_down`), so the horizontal stack
+    at row i only ever gets rows < i from it, plus the pixels left of it in its
+    own row: together, everything before the pixel and nothing after.
     """
 
     def __init__(self, channels: int, kernel: int, *, first: bool, colors: int, dropout: float,
@@ -567,21 +601,26 @@ class _GatedLayer(nn.Module):
         self.cond_v = nn.Embedding(num_classes, 2 * channels) if num_classes else None
         self.cond_h = nn.Embedding(num_classes, 2 * channels) if num_classes else None
 
-    @staticmethod
-    def _gate(t: torch.Tensor) -> torch.Tensor:
-        a, b = t.chunk(2, dim=1)
-        return torch.tanh(a) * torch.sigmoid(b)
-
-    def forward(self, v, h, context):
+    def look_up(self, v: torch.Tensor) -> torch.Tensor:
+        """The vertical convolution: at row r, rows r − k//2 ... r over k columns (padded above)."""
         k = self.k
-        v_pre = self.vertical(F.pad(v, (k // 2, k // 2, k // 2, 0)))  # row r sees rows r − k//2 ... r
-        from_above = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # shifted down: row i gets row i − 1
-        h_pre = self.horizontal(h) + self.v_to_h(from_above)
-        if self.cond_v is not None:
-            v_pre = v_pre + self.cond_v(context)[:, :, None, None]
-            h_pre = h_pre + self.cond_h(context)[:, :, None, None]
-        v_new = self._gate(v_pre)
-        h_new = self.h_out(self.dropout(self._gate(h_pre)))
+        return self.vertical(F.pad(v, (k // 2, k // 2, k // 2, 0)))
+
+    def condition(self, a_v, a_h, context):
+        """Add the class embedding to both stacks (class-conditional models only)."""
+        if self.cond_v is None:
+            return a_v, a_h
+        return (a_v + self.cond_v(context)[:, :, None, None],
+                a_h + self.cond_h(context)[:, :, None, None])
+
+    def forward(self, v, h, context=None):
+        a_v = self.look_up(v)  # at row r: rows r - k//2 ... r, full width
+        # the horizontal stack: the pixels left of it in its row, and the
+        # vertical stack shifted one row down, so row r only gets rows < r
+        a_h = self.horizontal(h) + self.v_to_h(shift_down(a_v))
+        a_v, a_h = self.condition(a_v, a_h, context)
+        v_new = gate(a_v)
+        h_new = self.h_out(self.dropout(gate(a_h)))
         return v_new, (h_new if self.first else h + h_new)
 
 
@@ -604,7 +643,7 @@ class GatedPixelCNN(_PixelModel):
         self.stem = MaskedConv2d(c, channels, 1, "B", colors=c)
         kernels = [first_kernel] + [kernel] * (layers - 1)
         self.layers = nn.ModuleList(
-            _GatedLayer(channels, k, first=(i == 0), colors=c, dropout=dropout, num_classes=num_classes)
+            GatedLayer(channels, k, first=(i == 0), colors=c, dropout=dropout, num_classes=num_classes)
             for i, k in enumerate(kernels))
 
     @property
