@@ -39,6 +39,7 @@ from dgmlab.grading import (
 from dgmlab.grading import notebooks as nbs
 from dgmlab.grading.cli import main as cli_main
 from dgmlab.grading.grader import grade
+from dgmlab.grading.feedback import fold, unfold
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -330,7 +331,8 @@ def test_exercise_drops_hidden_tests_solution_only_cells_and_run_state():
     solution = coin_solution()
     exercise = nbs.make_exercise(solution, "coins.ipynb")
     assert len(exercise.cells) == 4  # the solution-only cell is gone
-    assert exercise.cells[3].source == TEST.split("\n    ### BEGIN")[0]
+    visible = TEST.split("\n    ### BEGIN")[0]  # the hidden tests gone, the hint folded
+    assert exercise.cells[3].source == visible.replace('"Count the ones."', f'"{fold("Count the ones.")}"')
     answer = exercise.cells[2]
     assert answer.outputs == [] and answer.execution_count is None
     assert "execution" not in answer.metadata
@@ -873,3 +875,16 @@ def test_execute_in_place_stores_outputs_and_refuses_a_broken_notebook(tmp_path)
     with pytest.raises(NotebookError, match="left unchanged"):
         execute_in_place(bad)
     assert bad.read_bytes() == before
+
+
+def test_exercise_folds_hints_so_they_are_read_after_a_wrong_answer(capsys):
+    check_cell = ('with check("q1_mle", points=2, hint="Count the ones, then divide."):\n'
+                  '    expect_close(mle([1, 0, 1, 1]), 0.75)\n    ### BEGIN HIDDEN TESTS\n'
+                  '    expect_close(mle([1] * 4), 1.0)\n    ### END HIDDEN TESTS')
+    answer = "def mle(x):\n    # Task: the MLE.\n    ### BEGIN SOLUTION\n    return sum(x) / len(x)\n    ### END SOLUTION"
+    exercise = nbs.make_exercise(solution_nb(answer, check_cell))
+    shown = exercise.cells[1].source
+    assert "Count the ones" not in shown and 'hint="folded:' in shown
+    out = verdict(capsys, shown, "def mle(x):\n    return 0.5\n")
+    assert out.endswith("\nHint: Count the ones, then divide.\n")  # unfolded once it is needed
+    assert unfold("plain text") == "plain text" and unfold(fold("ü ≤ 2")) == "ü ≤ 2"

@@ -9,6 +9,10 @@ plain-text verdict instead of a traceback::
     ❌ q1_bernoulli_mle: 0/2 points. bernoulli_mle([1, 0, 1, 1]): expected 0.75, got 0.5.
     Hint: Count the ones and divide by the number of tosses.
 
+A hint is for after a wrong answer: in the exercise notebook the generator
+folds it (:func:`fold`, base64 behind ``folded:``), so that it is not read
+before the question is tried, and :class:`Check` unfolds it when it is shown.
+
 When ``DGMLAB_GRADING_LOG`` names a file, every verdict is also appended to it
 as one JSON line; that is how the grader collects results from a kernel.
 
@@ -19,6 +23,8 @@ grader's kernels start fast.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import json
 import linecache
@@ -119,6 +125,24 @@ def results() -> list[CheckResult]:
 # --------------------------------------------------------------------------
 
 
+FOLDED = "folded:"  # the prefix of a hint as the exercise notebook carries it
+
+
+def fold(text: str) -> str:
+    """A hint as the exercise notebook carries it, unreadable at a glance: ``folded:<base64>``."""
+    return FOLDED + base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def unfold(hint: str | None) -> str | None:
+    """The text of a hint, folded (see :func:`fold`) or not."""
+    if not isinstance(hint, str) or not hint.startswith(FOLDED):
+        return hint
+    try:
+        return base64.b64decode(hint[len(FOLDED):], validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return hint  # not ours after all: show it as it is
+
+
 def check(question: str, points: float, hint: str | None = None) -> Check:
     """Grade the ``with`` block as one question worth ``points`` (all or nothing).
 
@@ -137,7 +161,7 @@ class Check:
         if isinstance(points, bool) or not isinstance(points, numbers.Real) or points <= 0:
             raise ValueError(
                 f"check({question!r}) needs a positive number of points, got {points!r}.")
-        self.question, self.points, self.hint = question, points, hint
+        self.question, self.points, self.hint = question, points, unfold(hint)
         self.result: CheckResult | None = None
         self._check_code: Any = None
 

@@ -393,6 +393,24 @@ def _tags(cell: NotebookNode) -> list[str]:
     return list(cell.get("metadata", {}).get("tags", []))
 
 
+def _fold_hints(source: str) -> str:
+    """``check(..., hint="text")`` with the text folded: a hint is read after a wrong answer."""
+    from .feedback import FOLDED, fold
+
+    lines = source.splitlines(keepends=True)
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check":
+            spans += [kw.value for kw in node.keywords if kw.arg == "hint" and isinstance(kw.value, ast.Constant)
+                      and isinstance(kw.value.value, str) and not kw.value.value.startswith(FOLDED)]
+    for value in sorted(spans, key=lambda v: (v.lineno, v.col_offset), reverse=True):  # from the end
+        first, last = lines[value.lineno - 1].encode(), lines[value.end_lineno - 1].encode()
+        start, end = first[:value.col_offset].decode(), last[value.end_col_offset:].decode()
+        folded = json.dumps(fold(value.value))
+        lines[value.lineno - 1: value.end_lineno] = [start + folded + end]
+    return "".join(lines)
+
+
 def _plan(nb: NotebookNode, name: str) -> list[_CellPlan]:
     """Analyse every cell of a solution notebook, refusing anything malformed."""
     plans: list[_CellPlan] = []
@@ -412,8 +430,10 @@ def _plan(nb: NotebookNode, name: str) -> list[_CellPlan]:
             plans.append(_CellPlan("plain"))
             continue
         plan = _plan_code_cell(cell.source, index, where)
-        if plan.regions:
+        if plan.regions or plan.kind == "test":
             plan.exercise_source = _exercise_source(cell.source, plan.regions)
+            if plan.kind == "test":
+                plan.exercise_source = _fold_hints(plan.exercise_source)
             if _parse(plan.exercise_source) is None:
                 where.fail("the exercise version of this cell would not be valid Python")
         if plan.kind == "test":
