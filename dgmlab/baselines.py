@@ -275,12 +275,15 @@ class Histogram(_FlatModel):
         return (index.long()[:, None] // self.radix) % self.k
 
     @classmethod
-    def from_data(cls, x: torch.Tensor, k: int = 2, alpha: float = 0.0) -> "Histogram":
+    def from_data(cls, x: torch.Tensor, k: int = 2,
+                  alpha: float = 0.0) -> "Histogram":
         """π̂_b = (count_b + α) / (n + α k^m): the MLE (α = 0) or its smoothed version."""
         model = cls(x.shape[1:], k)
-        counts = torch.bincount(model.encode(x), minlength=k**model.event_size).double()
+        bins = k**model.event_size
+        counts = torch.bincount(model.encode(x), minlength=bins).double()  # n_b
+        probs = (counts + alpha) / (counts.sum() + alpha * bins)
         with torch.no_grad():
-            model.free_logits.copy_(_free_logits((counts + alpha) / (counts.sum() + alpha * len(counts))))
+            model.free_logits.copy_(_free_logits(probs))
         return model
 
     @property
@@ -289,7 +292,8 @@ class Histogram(_FlatModel):
         return _log_softmax_free(self.free_logits).exp()
 
     def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
-        return _log_softmax_free(self.free_logits)[(self._flat(x, context) * self.radix).sum(1)]
+        bin_of_x = (self._flat(x, context) * self.radix).sum(1)
+        return _log_softmax_free(self.free_logits)[bin_of_x]
 
     @torch.no_grad()
     def sample(self, n: int, context=None) -> torch.Tensor:
@@ -306,37 +310,56 @@ def curse_of_dimensionality(
     alpha: float = 0.5,
     order: torch.Tensor | None = None,
 ) -> dict[str, list]:
-    """Histogram vs independent model on the first ``d`` variables, for each d in ``dims``.
+    """The histogram on the first ``d`` variables, for each d in ``dims``: two failures.
 
     ``train``/``test`` are (N, m) integer-valued; variables are taken in
     ``order`` (default: decreasing training variance, the informative ones
-    first), so the variable sets are nested. Returns lists, one entry per d:
-    ``bins`` (k^d), ``occupied`` (fraction of bins holding a training point),
-    ``unseen`` (fraction of test points in an empty bin: the MLE gives them
-    probability 0), and NLL per variable in nats for the smoothed histogram on
-    train and test and for the independent model on test.
+    first), so the variable sets are nested. Returns lists, one entry per d;
+    every NLL is per variable, in nats:
+
+    * ``bins`` (k^d), ``occupied`` (fraction of bins holding a training point),
+      ``unseen`` (fraction of test points in an empty bin);
+    * the raw MLE π̂_b = n_b / n: ``mle_train`` (at most log(n)/d, reached once
+      every training point has a bin of its own), ``mle_test`` (∞ as soon as
+      one test point is unseen) and ``mle_test_seen`` (the test points in
+      occupied bins only: a flattering, selected subset);
+    * the smoothed π̂_b = (n_b + α)/(n + α k^d): ``smoothed_train``,
+      ``smoothed_test`` and ``pseudo_mass`` = α k^d/(n + α k^d), the share of
+      probability the pseudo-counts spread uniformly over all bins;
+    * ``independent_test``: the independent model with the same α, on test.
     """
     train = check_tensor(train, "train", ndim=2, kind="numeric", min=0, max=k - 1)
-    test = check_tensor(test, "test", shape=(None, train.shape[1]), kind="numeric", min=0, max=k - 1)
+    test = check_tensor(test, "test", shape=(None, train.shape[1]), kind="numeric",
+                        min=0, max=k - 1)
+    if alpha <= 0:
+        raise ValueError(f"alpha should be > 0 (the smoothed histogram), got {alpha}.")
     if order is None:
         order = train.double().var(0).argsort(descending=True)
-    out: dict[str, list] = {key: [] for key in
-                            ("dims", "bins", "occupied", "unseen", "hist_train", "hist_test", "independent_test")}
+    keys = ("dims", "bins", "occupied", "unseen", "mle_train", "mle_test", "mle_test_seen",
+            "smoothed_train", "smoothed_test", "pseudo_mass", "independent_test")
+    out: dict[str, list] = {key: [] for key in keys}
+    n = len(train)
     for d in dims:
         d = check_positive_int(int(d), "d")
-        cols = order[:d]
-        a, b = train[:, cols].long(), test[:, cols].long()
-        hist = Histogram.from_data(a, k, alpha)
-        seen = torch.zeros(k**d, dtype=torch.bool)
-        seen[hist.encode(a)] = True
+        a, b = train[:, order[:d]].long(), test[:, order[:d]].long()
+        smoothed = Histogram.from_data(a, k, alpha)
+        bin_a, bin_b = smoothed.encode(a), smoothed.encode(b)
+        counts = torch.bincount(bin_a, minlength=k**d).double()
+        log_mle = (counts / n).log()  # −∞ on the empty bins
+        seen = counts[bin_b] > 0
         indep = IndependentCategorical.from_data(a, k, alpha)
         with torch.no_grad():
             out["dims"].append(d)
             out["bins"].append(k**d)
-            out["occupied"].append(seen.double().mean().item())
-            out["unseen"].append((~seen[hist.encode(b)]).double().mean().item())
-            out["hist_train"].append(-hist.log_prob(a).mean().item() / d)
-            out["hist_test"].append(-hist.log_prob(b).mean().item() / d)
+            out["occupied"].append((counts > 0).double().mean().item())
+            out["unseen"].append(1 - seen.double().mean().item())
+            out["mle_train"].append(-log_mle[bin_a].mean().item() / d)
+            out["mle_test"].append(-log_mle[bin_b].mean().item() / d)
+            out["mle_test_seen"].append(-log_mle[bin_b[seen]].mean().item() / d
+                                        if seen.any() else math.nan)
+            out["smoothed_train"].append(-smoothed.log_prob(a).mean().item() / d)
+            out["smoothed_test"].append(-smoothed.log_prob(b).mean().item() / d)
+            out["pseudo_mass"].append(alpha * k**d / (n + alpha * k**d))
             out["independent_test"].append(-indep.log_prob(b).mean().item() / d)
     return out
 

@@ -1,6 +1,7 @@
 """Claims C1-C3: maximum likelihood is counting, parameter counts, the curse of dimensionality."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -132,15 +133,54 @@ def test_c3_bins_grow_exponentially_and_so_do_empty_ones():
     assert occupied[-1] < 1e-3  # 1,199 images cannot fill 1.4 million bins
 
 
-def test_c3_heldout_likelihood_collapses_as_dimension_grows():
+def test_c3_mle_memorises_the_training_images():
+    """The raw MLE's training NLL falls with d while the held-out NLL becomes infinite."""
+    x, xt = (embedded.digits(s, "levels", flatten=True).x for s in ("train", "test"))
+    study = B.curse_of_dimensionality(x, xt, [1, 2, 3, 4, 5], k=17)
+    train_nll = study["mle_train"]
+    assert all(a > b for a, b in zip(train_nll, train_nll[1:]))  # ever better on training data
+    # each training image keeps probability ≥ 1/n: at most log(n) nats per image
+    assert all(t * d <= math.log(len(x)) + 1e-9 for t, d in zip(train_nll, study["dims"]))
+    for unseen, test_nll in zip(study["unseen"], study["mle_test"]):
+        assert (test_nll == math.inf) == (unseen > 0)  # one empty-bin test image suffices
+    assert study["mle_test"][0] < math.inf and study["mle_test"][1] == math.inf
+    # the test images that did land in a seen bin are the typical ones: selection flatters
+    assert study["mle_test_seen"][-1] < train_nll[-1]
+
+
+def test_c3_mle_figures_on_a_hand_example():
+    """Four training rows, three test rows over 2 binary variables, counted by hand."""
+    x = torch.tensor([[0, 0], [0, 0], [0, 1], [1, 1]])
+    xt = torch.tensor([[0, 0], [1, 1], [1, 0]])  # the last one is in an empty bin
+    study = B.curse_of_dimensionality(x, xt, [2], k=2, alpha=1.0, order=torch.tensor([0, 1]))
+    assert study["occupied"] == [0.75] and study["unseen"] == [pytest.approx(1 / 3)]
+    train_nll = -(2 * math.log(2 / 4) + math.log(1 / 4) + math.log(1 / 4)) / 4 / 2
+    assert study["mle_train"][0] == pytest.approx(train_nll)
+    assert study["mle_test"] == [math.inf]
+    assert study["mle_test_seen"][0] == pytest.approx(-(math.log(2 / 4) + math.log(1 / 4)) / 2 / 2)
+    # smoothed with α = 1 over 4 bins: (n_b + 1) / (4 + 4)
+    smoothed = -(math.log(3 / 8) + math.log(2 / 8) + math.log(1 / 8)) / 3 / 2
+    assert study["smoothed_test"][0] == pytest.approx(smoothed, rel=1e-5)
+    assert study["pseudo_mass"] == [pytest.approx(4 / 8)]
+
+
+def test_c3_smoothing_drifts_to_the_uniform_distribution():
+    """With α = 0.5 the pseudo-counts α k^d swamp the n images: both NLLs tend to log k."""
     x, xt = (embedded.digits(s, "levels", flatten=True).x for s in ("train", "test"))
     study = B.curse_of_dimensionality(x, xt, [1, 2, 3, 4, 5], k=17, alpha=0.5)
     # one variable: the histogram *is* the independent model
-    assert study["hist_test"][0] == pytest.approx(study["independent_test"][0], rel=1e-6)
+    assert study["smoothed_test"][0] == pytest.approx(study["independent_test"][0], rel=1e-6)
+    mass = study["pseudo_mass"]
+    assert mass[0] < 0.01 and mass[-1] > 0.99
+    uniform = math.log(17)
+    train_nll, test_nll = study["smoothed_train"], study["smoothed_test"]
+    assert all(a < b for a, b in zip(train_nll[1:], train_nll[2:]))  # the *training* NLL rises
+    assert uniform - train_nll[-1] < 0.3 and uniform - test_nll[-1] < 0.1
+    assert all(t <= uniform for t in train_nll + test_nll)
     # five variables: the full table loses to the model that ignores all dependence
-    assert study["hist_test"][-1] > study["independent_test"][-1] + 0.2
-    gaps = [te - tr for te, tr in zip(study["hist_test"], study["hist_train"])]
-    assert gaps[-1] > 3 * gaps[0] and gaps[-1] > 0.1  # overfitting grows with the bins
+    assert test_nll[-1] > study["independent_test"][-1] + 0.2
+    with pytest.raises(ValueError, match="alpha should be > 0"):
+        B.curse_of_dimensionality(x, xt, [1], k=17, alpha=0.0)
 
 
 def test_c3_histogram_refuses_an_impossible_table():
