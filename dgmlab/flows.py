@@ -14,6 +14,10 @@ noise) and returns ``(output, log_abs_det)`` from both ``forward`` and
 A :class:`Flow` is a base distribution plus a transform, with the course's
 model API.
 
+Discrete data live on integer levels y, and level y always owns the bin
+[y, y + 1): dequantization adds u ∈ [0, 1), samples are ⌊x⌋, and the
+CDF-discretised logistic gives P(y) = F(y + 1) − F(y).
+
 Transforms: :class:`Planar`, :class:`AffineCoupling` (vector, checkerboard
 and channel masks), :class:`Squeeze`, :class:`ActNorm`,
 :class:`Invertible1x1Conv`, :class:`MAF` and :class:`IAF` (on MADE's masked
@@ -162,12 +166,17 @@ class Flow(GenerativeModel):
 
 # ================================================================= planar flows
 class Planar(Transform):
-    """A planar flow x ↦ x + û·tanh(wᵀx + b) (Rezende & Mohamed, 2015), on vectors (N, D).
+    """A planar flow z ↦ z + û·tanh(wᵀz + b) (Rezende & Mohamed, 2015), on vectors (N, D).
+
+    Planar layers are made for sampling: ``forward`` is the map in the
+    sampling direction (noise → data) and :func:`planar_flow` wraps the stack
+    in :class:`InverseTransform`, so that the flow's normalizing direction
+    (data → noise) is the numerical inverse.
 
     Invertible whenever wᵀû ≥ −1; the raw parameter u is mapped to
     û = u + (m(wᵀu) − wᵀu)·w/‖w‖² with m(a) = −1 + softplus(a), which
-    guarantees it. log|det| = log|1 + ûᵀψ|, ψ = tanh'(wᵀx + b)·w (the matrix
-    determinant lemma). The inverse solves a scalar equation for wᵀx by
+    guarantees it. log|det| = log|1 + ûᵀψ|, ψ = tanh'(wᵀz + b)·w (the matrix
+    determinant lemma). The inverse solves a scalar equation for wᵀz by
     bisection (it is monotone), to float64 precision, and is differentiable.
     ``constrain=False`` uses u as it is, and may not be invertible.
     """
@@ -185,42 +194,43 @@ class Planar(Transform):
         if not self.constrain:
             return self.u
         wu = self.w @ self.u
-        return self.u + (-1 + F.softplus(wu) - wu) * self.w / (self.w @ self.w).clamp_min(1e-12)
+        w_norm2 = (self.w @ self.w).clamp_min(1e-12)
+        return self.u + (-1 + F.softplus(wu) - wu) * self.w / w_norm2
 
-    def forward(self, x, context=None):
-        x = check_tensor(x, "x", shape=(None, self.dim), kind="float")
+    def forward(self, z, context=None):
+        z = check_tensor(z, "z", shape=(None, self.dim), kind="float")
         u = self.u_hat
-        a = x @ self.w + self.b  # (N,)
-        y = x + u * torch.tanh(a)[:, None]
+        a = z @ self.w + self.b  # (N,)
+        x = z + u * torch.tanh(a)[:, None]
         psi_u = (1 - torch.tanh(a) ** 2) * (self.w @ u)  # ûᵀψ
-        return y, torch.log((1 + psi_u).abs().clamp_min(1e-12))
+        return x, torch.log((1 + psi_u).abs().clamp_min(1e-12))
 
-    def inverse(self, y, context=None):
-        y = check_tensor(y, "y", shape=(None, self.dim), kind="float")
+    def inverse(self, x, context=None):
+        x = check_tensor(x, "x", shape=(None, self.dim), kind="float")
         with torch.no_grad():  # bisection for the value; the gradients come from the Newton step below
             u = self.u_hat.double()
             w, b = self.w.double(), self.b.double()
             wu = w @ u
             if not self.constrain and validation_enabled() and wu < -1:
                 raise ValueError("this planar flow is not invertible (wᵀû < −1): build it with constrain=True.")
-            # wᵀx = α solves α + wᵀû·tanh(α + b) = wᵀy: monotone in α, bracketed within |wᵀû| of wᵀy
-            target = y.double() @ w
+            # wᵀz = α solves α + wᵀû·tanh(α + b) = wᵀx: monotone in α, bracketed within |wᵀû| of wᵀx
+            target = x.double() @ w
             lo, hi = target - wu.abs() - 1, target + wu.abs() + 1
             for _ in range(100):
                 mid = (lo + hi) / 2
                 too_big = mid + wu * torch.tanh(mid + b) > target
                 hi, lo = torch.where(too_big, mid, hi), torch.where(too_big, lo, mid)
             alpha = (lo + hi) / 2
-        # One Newton step with the live parameters and y: it leaves the value where bisection
+        # One Newton step with the live parameters and x: it leaves the value where bisection
         # put it but gives α the right gradients (the implicit function theorem), for both
         # x and the parameters, so log_prob of a planar flow can be trained through.
-        u, w, b, yd = self.u_hat.double(), self.w.double(), self.b.double(), y.double()
+        u, w, b, xd = self.u_hat.double(), self.w.double(), self.b.double(), x.double()
         wu = w @ u
-        g = alpha + wu * torch.tanh(alpha + b) - yd @ w
+        g = alpha + wu * torch.tanh(alpha + b) - xd @ w
         alpha = alpha - g / (1 + wu * (1 - torch.tanh(alpha + b) ** 2))
-        x = (yd - u * torch.tanh(alpha + b)[:, None]).to(y.dtype)
-        _, log_det = self.forward(x)
-        return x, -log_det
+        z = (xd - u * torch.tanh(alpha + b)[:, None]).to(x.dtype)
+        _, log_det = self.forward(z)
+        return z, -log_det
 
 
 # ================================================================= coupling layers
@@ -283,8 +293,9 @@ class AffineCoupling(Transform):
     def _shift_scale(self, kept: torch.Tensor, context):
         inp = kept if context is None else torch.cat([kept, context], dim=1)
         s, t = self.net(inp).chunk(2, dim=1)
+        s = self.scale_bound * torch.tanh(s / self.scale_bound)  # |s| < bound
         free = 1 - self.mask
-        return self.scale_bound * torch.tanh(s / self.scale_bound) * free, t * free
+        return s * free, t * free
 
     def _check(self, x, name):
         x = check_tensor(x, name, kind="float")
@@ -296,7 +307,8 @@ class AffineCoupling(Transform):
     def forward(self, x, context=None):
         x = self._check(x, "x")
         s, t = self._shift_scale(x * self.mask, context)
-        return x * torch.exp(s) + t, _flat_sum(s)  # s and t vanish on the kept part
+        # s and t vanish on the kept part, where z = x
+        return x * torch.exp(s) + t, _flat_sum(s)
 
     def inverse(self, z, context=None):
         z = self._check(z, "z")
@@ -493,18 +505,21 @@ class Logit(Transform):
         return torch.log(s) - torch.log1p(-s), _flat_sum(log_det)
 
     def inverse(self, z, context=None):
-        s = torch.sigmoid(z)
+        s = torch.sigmoid(z)  # in (0, 1) for every real z
         x = (s - self.alpha) / (1 - 2 * self.alpha)
-        log_det = -math.log(1 - 2 * self.alpha) + F.logsigmoid(z) + F.logsigmoid(-z)
+        log_det = (-math.log(1 - 2 * self.alpha)
+                   + F.logsigmoid(z) + F.logsigmoid(-z))
         return x, _flat_sum(log_det)
 
 
 # ================================================================= multi-scale
-def glow_step(channels: int, hidden: int, parity: int, height: int, width: int) -> Transform:
+def glow_step(channels: int, hidden: int, parity: int, height: int,
+              width: int) -> Transform:
     """One Glow step: ActNorm, an invertible 1×1 convolution, an affine coupling on half the channels."""
-    return Compose([ActNorm(channels), Invertible1x1Conv(channels, seed=parity),
-                    AffineCoupling(channel_mask(channels, height, width, parity % 2),
-                                   coupling_cnn(channels, hidden))])
+    mask = channel_mask(channels, height, width, parity % 2)  # which half is kept
+    return Compose([ActNorm(channels),
+                    Invertible1x1Conv(channels, seed=parity),
+                    AffineCoupling(mask, coupling_cnn(channels, hidden))])
 
 
 class MultiScale(Transform):
@@ -536,13 +551,14 @@ class MultiScale(Transform):
 
     def forward(self, x, context=None):
         if tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"x should have shape (N, {', '.join(map(str, self.image_shape))}), "
+            shape = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"x should have shape (N, {shape}), "
                              f"got {tuple(x.shape)}.")
         outputs, total = [], x.new_zeros(len(x))
         h = x
         for level, block in enumerate(self.blocks):
-            h, _ = self.squeeze(h)
-            h, log_det = block(h)
+            h, _ = self.squeeze(h)  # (C, H, W) → (4C, H/2, W/2)
+            h, log_det = block(h)  # the Glow steps of this scale
             total = total + log_det
             if level < len(self.blocks) - 1:
                 out, h = h.chunk(2, dim=1)  # factor out half the channels
@@ -599,7 +615,7 @@ class UniformDequantization(GenerativeModel):
     def _log_weights(self, y: torch.Tensor) -> torch.Tensor:
         """log p(y + u) − log q(u | y) for one draw u ~ q per row; q uniform: log q = 0."""
         u = torch.rand(y.shape, device=y.device, dtype=self.flow.dtype)
-        return self.flow._log_prob(y.to(u.dtype) + u)
+        return self.flow._log_prob(y.to(u.dtype) + u)  # y + u in [y, y + 1)
 
     @torch.no_grad()
     def sample(self, n: int, context=None) -> torch.Tensor:
@@ -621,32 +637,40 @@ class VariationalDequantization(UniformDequantization):
         self.noise = noise
 
     def _log_weights(self, y: torch.Tensor) -> torch.Tensor:
-        context = (2 * y.to(self.dtype) / (self.levels - 1) - 1).reshape(len(y), -1)
+        """log p(y + u) − log q(u | y) for one draw u ~ q(u | y) per row."""
+        context = 2 * y.to(self.dtype) / (self.levels - 1) - 1  # y in [−1, 1]
+        context = context.reshape(len(y), -1)
         u, log_q = self.noise.rsample_and_log_prob(len(y), context)
-        return self.flow._log_prob(y.to(u.dtype) + u.reshape(y.shape)) - log_q
+        x = y.to(u.dtype) + u.reshape(y.shape)  # in the bin [y, y + 1)
+        return self.flow._log_prob(x) - log_q
 
 
-def dequantization_noise(dim: int, *, layers: int = 4, hidden: int = 64) -> Flow:
+def dequantization_noise(dim: int, *, layers: int = 4,
+                         hidden: int = 64) -> Flow:
     """A conditional flow on (0, 1)^dim given a context of dim values: q(u | y) for variational dequantization."""
-    transforms: list[Transform] = [Logit(0.0)]
+    transforms: list[Transform] = [Logit(0.0)]  # u in (0, 1) ↔ the real line
     for k in range(layers):
-        transforms.append(AffineCoupling(alternating_mask(dim, k % 2), coupling_mlp(dim, hidden, context_dim=dim)))
+        mask = alternating_mask(dim, k % 2)
+        net = coupling_mlp(dim, hidden, context_dim=dim)
+        transforms.append(AffineCoupling(mask, net))
     return Flow(Compose(transforms), dim, context_dim=dim)
 
 
 class DiscretizedLogistic(GenerativeModel):
-    """Independent discretised logistics on K levels: P(y) = F(y + ½) − F(y − ½), F the logistic CDF.
+    """Independent discretised logistics on K levels: P(y) = F(y + 1) − F(y), F the logistic CDF.
 
-    The first and last levels take the tails (F(−½) is replaced by 0 and
-    F(K − ½) by 1), so the K probabilities of every dimension sum to one
-    exactly: a continuous density turned into a discrete distribution through
-    its CDF.
+    Level y owns the bin [y, y + 1), the same bins as dequantization (y + u,
+    u ∈ [0, 1)), so P(y) = ∫_y^{y+1} p(x) dx is the discrete model a
+    dequantized density defines. The first and last levels take the tails
+    (F(0) is replaced by 0 and F(K) by 1), so the K probabilities of every
+    dimension sum to one exactly: a continuous density turned into a discrete
+    distribution through its CDF.
     """
 
     def __init__(self, event_shape, levels: int):
         self.levels = check_positive_int(levels, "levels")
         super().__init__(event_shape, support=constraints.integer_interval(0, levels - 1))
-        self.loc = nn.Parameter(torch.full(self.event_shape, (levels - 1) / 2))
+        self.loc = nn.Parameter(torch.full(self.event_shape, levels / 2))
         self.log_scale = nn.Parameter(torch.full(self.event_shape, math.log(levels / 4)))
 
     def cdf(self, v: torch.Tensor) -> torch.Tensor:
@@ -658,8 +682,9 @@ class DiscretizedLogistic(GenerativeModel):
 
     def _probs(self, y: torch.Tensor) -> torch.Tensor:
         y = y.to(self.dtype)
-        upper = torch.where(y >= self.levels - 1, torch.ones_like(y), self.cdf(y + 0.5))
-        lower = torch.where(y <= 0, torch.zeros_like(y), self.cdf(y - 0.5))
+        top, bottom = y >= self.levels - 1, y <= 0  # the end bins take the tails
+        upper = torch.where(top, torch.ones_like(y), self.cdf(y + 1))
+        lower = torch.where(bottom, torch.zeros_like(y), self.cdf(y))
         return (upper - lower).clamp_min(1e-12)
 
     def log_prob(self, y: torch.Tensor, context=None) -> torch.Tensor:
@@ -671,7 +696,7 @@ class DiscretizedLogistic(GenerativeModel):
         self.check_sample_args(n, context)
         u = torch.rand(n, *self.event_shape, device=self.device, dtype=self.dtype).clamp(1e-6, 1 - 1e-6)
         v = self.loc + self.log_scale.exp() * (torch.log(u) - torch.log1p(-u))
-        return v.round().clamp(0, self.levels - 1).long()
+        return v.floor().clamp(0, self.levels - 1).long()  # v in [y, y + 1) → y
 
 
 # ================================================================= ready-made flows

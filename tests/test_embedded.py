@@ -1,5 +1,7 @@
 """The embedded digits and the 2-D toy densities."""
 
+import math
+
 import pytest
 import torch
 
@@ -83,3 +85,63 @@ def test_toy_density_errors():
     with pytest.raises(ValueError, match="name should be one of"):
         embedded.toy_density("swiss_roll")
     assert embedded.toy_density("checkerboard").log_prob(torch.tensor([[-1.5, -1.5]])).item() == float("-inf")
+
+
+# ---------------------------------------------------------------------------- energies
+def box_integral(u, half_width, half_height=None, resolution=0.04):
+    """∫ exp(−U) over [−L, L] × [−H, H] (H = L by default) by the midpoint rule, in float64."""
+    def centres(half):
+        n = int(round(2 * half / resolution))
+        return (torch.arange(n, dtype=torch.float64) + 0.5) * (2 * half / n) - half, 2 * half / n
+
+    (c1, h1), (c2, h2) = centres(half_width), centres(half_height or half_width)
+    gx, gy = torch.meshgrid(c1, c2, indexing="xy")
+    values = torch.cat([(-u(torch.stack([a.flatten(), b.flatten()], 1))).exp()
+                        for a, b in zip(gx.split(200), gy.split(200))])
+    return (values.sum() * h1 * h2).item()
+
+
+@pytest.mark.parametrize("name,envelope", [("ring", None), ("ring", 2.0), ("wave", 2.0), ("two_waves", 2.0),
+                                           ("step_wave", 1.5)])
+def test_normalisable_energies_integrate_to_a_limit_as_the_box_grows(name, envelope):
+    u = embedded.energy(name, envelope=envelope)
+    masses = [box_integral(u, half) for half in (8.0, 12.0, 16.0)]  # the mass outside shrinks to nothing
+    assert masses[0] <= masses[1] <= masses[2] * (1 + 1e-12)
+    assert masses[1] == pytest.approx(masses[0], rel=2e-4) and masses[2] == pytest.approx(masses[1], rel=1e-8)
+    if name != "ring":  # the closed form: the z₂-integral is constant, the z₁-marginal N(0, s²)
+        assert math.log(masses[2]) == pytest.approx(embedded.log_normalizer(name, envelope=envelope), abs=1e-6)
+    assert (name in embedded.NORMALISABLE) == (name == "ring")
+
+
+@pytest.mark.parametrize("name", ["wave", "two_waves", "step_wave"])
+def test_the_bare_waves_are_not_normalisable(name):
+    """Periodic in z₁ with nothing to confine it: the integral grows with the box, in proportion to its width."""
+    u = embedded.energy(name)
+    # z₁ over widths 8 and 16 (whole periods of the sine), z₂ over all the ridges' mass
+    small, large = box_integral(u, 4.0, 8.0), box_integral(u, 8.0, 8.0)
+    assert large / small == pytest.approx(2.0, rel=1e-3)
+    with pytest.raises(ValueError, match="not normalisable"):
+        embedded.log_normalizer(name)
+
+
+def test_energy_envelope_is_checked_and_adds_a_gaussian_term():
+    z = torch.tensor([[1.5, -0.3], [-2.0, 0.7]])
+    for name in embedded.ENERGIES:
+        bare, wrapped = embedded.energy(name)(z), embedded.energy(name, envelope=2.0)(z)
+        assert torch.allclose(wrapped - bare, 0.5 * (z[:, 0] / 2.0) ** 2)
+    for bad in (0.0, -1.0, float("inf"), "wide"):
+        with pytest.raises(ValueError, match="envelope should be a positive width"):
+            embedded.energy("wave", envelope=bad)
+    with pytest.raises(NotImplementedError, match="no closed form"):
+        embedded.log_normalizer("ring")
+
+
+def test_two_moons_quadrature_is_converged():
+    """The moons' density is a quadrature over each arc: its default node count must match a much finer one."""
+    fine = embedded._two_moons(nodes=256)
+    toy = embedded.toy_density("two_moons")
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([toy.sample(5000, seed=3), torch.rand(5000, 2, generator=g) * 6 - 3]).double()
+    reference = fine.log_prob(x)
+    near = reference > -30
+    assert (toy.log_prob(x) - reference)[near].abs().max().item() < 1e-10
