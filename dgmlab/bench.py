@@ -155,12 +155,11 @@ def sample_figure(rows: list[dict], grids: list[torch.Tensor], *, max_bytes: int
 
     from .viz import image_grid
 
-    fig = Figure(figsize=(1.75 * len(rows), 2.5))
+    fig = Figure(figsize=(1.75 * len(rows), 2.5), layout="constrained")
     for ax, row, grid in zip(fig.subplots(1, len(rows), squeeze=False)[0], rows, grids):
         nll = f"NLL {'≤ ' if row['nll_is_bound'] else ''}{row['nll_nats']:.1f} nats"
         image_grid(grid, nrow=4, ax=ax, vmax=1.0)
         ax.set_title(f"{textwrap.fill(row['model'], 20)}\n{nll}", fontsize=7)
-    fig.tight_layout()
     for dpi in (110, 90, 72, 56):
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
