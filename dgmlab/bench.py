@@ -306,6 +306,41 @@ def _autoregressive_mnist() -> list[dict]:
                 **MNIST_PIXELCNN_TRAINING), images["test"].long(), judge, samples=MNIST_SAMPLES)]
 
 
+@benchmark("flows", "MAF and RealNVP on the 17-level digits, at most 60 s of CPU training each, two dequantizations")
+def _flows() -> list[dict]:
+    from . import baselines as B
+    from . import embedded
+    from . import flows as F
+
+    xl, xl_val, xl_test = (embedded.digits(s).x for s in ("train", "val", "test"))
+    flat = [x.reshape(len(x), -1) for x in (xl, xl_val, xl_test)]
+    levels = digits_judge("levels")
+
+    def dequantized(flow, variational: bool):
+        if not variational:
+            return F.UniformDequantization(flow, 17)
+        return F.VariationalDequantization(flow, F.dequantization_noise(64, **F.DIGITS_NOISE), 17)
+
+    def maf(variational: bool):
+        model = dequantized(F.maf_flow(64, levels=17, **F.DIGITS_MAF), variational)
+        return _fit_timed(model, flat[0], flat[1], epochs=80, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
+
+    def realnvp(variational: bool):
+        model = dequantized(F.realnvp_image((1, 8, 8), levels=17, **F.DIGITS_REALNVP), variational)
+        return _fit_timed(model, xl, xl_val, epochs=60, budget=DIGITS_BUDGET_S, **F.DIGITS_FLOW_TRAINING)
+
+    torch.manual_seed(0)
+    return [
+        measure("digits, 17 levels", "independent pixels",
+                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test, levels),
+        measure("digits, 17 levels", "MAF, uniform dequantization", lambda: maf(False), flat[2], levels),
+        measure("digits, 17 levels", "MAF, variational dequantization", lambda: maf(True), flat[2], levels),
+        measure("digits, 17 levels", "RealNVP, uniform dequantization", lambda: realnvp(False), xl_test, levels),
+        measure("digits, 17 levels", "RealNVP, variational dequantization", lambda: realnvp(True), xl_test,
+                levels),
+    ]
+
+
 @benchmark("flows-mnist", "a multi-scale RealNVP on 8-bit MNIST, 10 minutes of CPU training (needs the MNIST files)")
 def _flows_mnist() -> list[dict]:
     from . import datasets

@@ -75,3 +75,9 @@ def test_sample_figure_has_a_titled_panel_per_row_and_stays_small():
     assert len(png) <= 100_000 and image.shape[1] > 2 * image.shape[0]  # three panels side by side
     smaller = bench.sample_figure(rows, grids, max_bytes=len(png) - 1)
     assert len(smaller) < len(png)  # a tighter limit lowers the resolution
+
+
+def test_every_table_in_the_book_has_its_benchmark():
+    """A benchmark removed by mistake would leave its old table in the book, never re-run."""
+    written = {path.stem for path in bench.RESULTS_DIR.glob("*.json")}
+    assert written == set(bench.BENCHMARKS)
