@@ -144,9 +144,10 @@ def run(name: str, out_dir: Path | None = RESULTS_DIR) -> list[dict]:
 
 
 def sample_figure(rows: list[dict], grids: list[torch.Tensor], *, max_bytes: int = 100_000) -> bytes:
-    """One panel of samples per row, titled with the model (its budget) and its test NLL: PNG bytes.
+    """One panel of samples per row, titled with the model (its budget), the data and the test NLL.
 
-    The resolution is lowered until the file is at most ``max_bytes`` (the book stays light).
+    Returns PNG bytes; the resolution is lowered until the file is at most ``max_bytes``
+    (the book stays light).
     """
     import io
     import textwrap
@@ -155,9 +156,9 @@ def sample_figure(rows: list[dict], grids: list[torch.Tensor], *, max_bytes: int
 
     from .viz import image_grid
 
-    fig = Figure(figsize=(1.75 * len(rows), 2.5), layout="constrained")
+    fig = Figure(figsize=(1.9 * len(rows), 2.6), layout="constrained")
     for ax, row, grid in zip(fig.subplots(1, len(rows), squeeze=False)[0], rows, grids):
-        nll = f"NLL {'≤ ' if row['nll_is_bound'] else ''}{row['nll_nats']:.1f} nats"
+        nll = f"{row['data']}: NLL {'≤ ' if row['nll_is_bound'] else ''}{row['nll_nats']:.1f} nats"
         image_grid(grid, nrow=4, ax=ax, vmax=1.0)
         ax.set_title(f"{textwrap.fill(row['model'], 20)}\n{nll}", fontsize=7)
     for dpi in (110, 90, 72, 56):

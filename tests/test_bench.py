@@ -66,7 +66,8 @@ def test_sample_figure_has_a_titled_panel_per_row_and_stays_small():
 
     import matplotlib.image
 
-    rows = [{"model": f"model {i} with a long name, 10 min", "nll_nats": 90.0 + i, "nll_is_bound": i == 1}
+    rows = [{"model": f"model {i} with a long name, 10 min", "data": "MNIST, binarized", "nll_nats": 90.0 + i,
+             "nll_is_bound": i == 1}
             for i in range(3)]
     digits = embedded.digits("test", "unit").x
     grids = [digits[16 * i: 16 * (i + 1)] for i in range(3)]
