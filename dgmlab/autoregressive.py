@@ -50,6 +50,7 @@ __all__ = [
     "PixelCNN",
     "GatedPixelCNN",
     "GatedLayer",
+    "condition",
     "shift_down",
     "gate",
     "discretized_logistic_mixture_log_prob",
@@ -423,16 +424,22 @@ class _PixelModel(GenerativeModel):
     """What PixelCNN and GatedPixelCNN share: inputs, output heads, log_prob, sampling."""
 
     def __init__(self, event_shape, *, levels: int, channels: int, output: str, mixtures: int,
-                 num_classes: int | None):
+                 num_classes: int | None, context_dim: int = 0):
         self.levels = check_positive_int(levels, "levels")
         if levels < 2:
             raise ValueError("levels should be at least 2.")
         if len(tuple(event_shape)) != 3:
             raise ValueError(f"event_shape should be an image shape (C, H, W), got {tuple(event_shape)}.")
         self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
+        self.context_dim = check_positive_int(context_dim, "context_dim", allow_zero=True)
+        if self.num_classes and self.context_dim:
+            raise ValueError("condition on class labels (num_classes) or on a vector (context_dim), not both.")
+        if self.num_classes:
+            context_shape, context_support = (), constraints.integer_interval(0, self.num_classes - 1)
+        else:
+            context_shape, context_support = ((self.context_dim,) if self.context_dim else None), constraints.real
         super().__init__(event_shape, support=constraints.integer_interval(0, levels - 1),
-                         context_shape=None if num_classes is None else (),
-                         context_support=constraints.integer_interval(0, (num_classes or 1) - 1))
+                         context_shape=context_shape, context_support=context_support)
         self.colors = self.event_shape[0]
         self.output = check_choice(output, "output", ("categorical", "logistic_mixture"))
         self.mixtures = check_positive_int(mixtures, "mixtures")
@@ -461,7 +468,8 @@ class _PixelModel(GenerativeModel):
     def params_from_encoded(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Output parameters (N, C, P, H, W) from encoded inputs; differentiable w.r.t. ``h``.
 
-        ``context``: class labels (N,) of a class-conditional model."""
+        ``context``: class labels (N,) of a class-conditional model, or vectors
+        (N, context_dim) of a model conditioned on a vector (a VAE's latent z)."""
         out = self.head(self.features(h, context))
         n, _, hh, ww = out.shape
         return out.reshape(n, self.colors, self.params_per_color, hh, ww)
@@ -476,8 +484,8 @@ class _PixelModel(GenerativeModel):
                                                      ).reshape(n, c, hh, ww)
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact log p(x) (or log p(x | y), y the class labels as ``context``) in nats: one pass,
-        all conditionals at once. Shape (N,)."""
+        """Exact log p(x) (or log p(x | y), y the class labels or vectors given as ``context``) in
+        nats: one pass, all conditionals at once. Shape (N,)."""
         x, y = self.check_input(x, context)
         params = self.params_from_encoded(self.encode(x), y)
         return self._log_prob_pixels(params, x).sum((1, 2, 3))
@@ -503,7 +511,8 @@ class _PixelModel(GenerativeModel):
         drawn and the ``reach_up`` rows above it, since rows further up cannot
         influence it and rows below are not drawn yet. ``x`` and ``start``
         complete given images: pixels before ``start`` (raster order) are kept.
-        ``context``: the class label(s) of a class-conditional model.
+        ``context``: the class label(s) of a class-conditional model, or the vector(s) of a
+        vector-conditional one: one for all n images, or one each.
         """
         y = self.check_sample_args(n, context)
         was_training = self.training
@@ -539,14 +548,14 @@ class PixelCNN(_PixelModel):
 
     def __init__(self, event_shape=(1, 8, 8), *, levels: int = 17, channels: int = 64, layers: int = 5,
                  kernel: int = 3, first_kernel: int = 7, output: str = "categorical", mixtures: int = 5,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, context_dim: int = 0):
         super().__init__(event_shape, levels=levels, channels=channels, output=output, mixtures=mixtures,
-                         num_classes=num_classes)
+                         num_classes=num_classes, context_dim=context_dim)
         c = self.colors
         self.first = MaskedConv2d(c, channels, first_kernel, "A", colors=c)
         self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), MaskedConv2d(channels, channels, kernel, "B", colors=c))
                                     for _ in range(layers))
-        self.embed = nn.Embedding(num_classes, channels) if num_classes else None
+        self.embed = condition(num_classes, context_dim, channels)
         self.kernel, self.first_kernel, self.n_layers = kernel, first_kernel, layers
 
     @property
@@ -560,6 +569,14 @@ class PixelCNN(_PixelModel):
         for block in self.blocks:
             h = h + block(h)  # residual: keeps the gradient path short
         return h
+
+
+def condition(num_classes: int | None, context_dim: int, size: int) -> nn.Module | None:
+    """What turns a condition into ``size`` features: an embedding of class labels, a linear map
+    of a vector (``context_dim``), or None for an unconditional model."""
+    if num_classes:
+        return nn.Embedding(num_classes, size)
+    return nn.Linear(context_dim, size) if context_dim else None
 
 
 def shift_down(t: torch.Tensor) -> torch.Tensor:
@@ -589,7 +606,7 @@ class GatedLayer(nn.Module):
     """
 
     def __init__(self, channels: int, kernel: int, *, first: bool, colors: int, dropout: float,
-                 num_classes: int | None):
+                 num_classes: int | None, context_dim: int = 0):
         super().__init__()
         self.k, self.first = kernel, first
         self.vertical = nn.Conv2d(channels, 2 * channels, (kernel // 2 + 1, kernel))
@@ -598,8 +615,8 @@ class GatedLayer(nn.Module):
                                        colors=colors, out_halves=2)
         self.h_out = MaskedConv2d(channels, channels, 1, "B", colors=colors)
         self.dropout = nn.Dropout(dropout)
-        self.cond_v = nn.Embedding(num_classes, 2 * channels) if num_classes else None
-        self.cond_h = nn.Embedding(num_classes, 2 * channels) if num_classes else None
+        self.cond_v = condition(num_classes, context_dim, 2 * channels)
+        self.cond_h = condition(num_classes, context_dim, 2 * channels)
 
     def look_up(self, v: torch.Tensor) -> torch.Tensor:
         """The vertical convolution: at row r, rows r − k//2 ... r over k columns (padded above)."""
@@ -607,7 +624,8 @@ class GatedLayer(nn.Module):
         return self.vertical(F.pad(v, (k // 2, k // 2, k // 2, 0)))
 
     def condition(self, a_v, a_h, context):
-        """Add the class embedding to both stacks (class-conditional models only)."""
+        """Add the condition to both stacks: a class's embedding, or a linear map of a vector
+        (conditional models only). The same bias reaches every pixel, so it cannot break causality."""
         if self.cond_v is None:
             return a_v, a_h
         return (a_v + self.cond_v(context)[:, :, None, None],
@@ -629,21 +647,24 @@ class GatedPixelCNN(_PixelModel):
 
     ``kernel`` is the width of each layer's window (the first layer uses
     ``first_kernel``); ``dropout`` regularises the horizontal stack, which
-    matters on small data sets; ``num_classes`` adds class conditioning.
+    matters on small data sets; ``num_classes`` adds class conditioning, ``context_dim``
+    conditioning on a vector (a VAE's latent z: a learned linear map of it is added to both
+    stacks of every layer, as the class embedding is).
     """
 
     def __init__(self, event_shape=(1, 8, 8), *, levels: int = 17, channels: int = 48, layers: int = 4,
                  kernel: int = 5, first_kernel: int = 7, output: str = "categorical", mixtures: int = 5,
-                 dropout: float = 0.0, num_classes: int | None = None):
+                 dropout: float = 0.0, num_classes: int | None = None, context_dim: int = 0):
         super().__init__(event_shape, levels=levels, channels=channels, output=output, mixtures=mixtures,
-                         num_classes=num_classes)
+                         num_classes=num_classes, context_dim=context_dim)
         c = self.colors
         # the input enters through a type-B 1×1 convolution per colour group (a colour may see itself
         # here: the first gated layer's horizontal mask is of type A)
         self.stem = MaskedConv2d(c, channels, 1, "B", colors=c)
         kernels = [first_kernel] + [kernel] * (layers - 1)
         self.layers = nn.ModuleList(
-            GatedLayer(channels, k, first=(i == 0), colors=c, dropout=dropout, num_classes=num_classes)
+            GatedLayer(channels, k, first=(i == 0), colors=c, dropout=dropout, num_classes=num_classes,
+                       context_dim=context_dim)
             for i, k in enumerate(kernels))
 
     @property
@@ -687,7 +708,8 @@ def receptive_field(model: _PixelModel | MADE, pixel: tuple[int, int] | int, *, 
                 c, hh, ww = model.event_shape
                 x = torch.randint(model.levels, (1, c, hh, ww), generator=g)
                 h = model.encode(x).requires_grad_(True)
-                y = None if model.num_classes is None else torch.zeros(1, dtype=torch.long)
+                y = (torch.zeros(1, dtype=torch.long) if model.num_classes is not None
+                     else torch.zeros(1, model.context_dim) if model.context_dim else None)
                 out = model.params_from_encoded(h, y)[0, color, :, pixel[0], pixel[1]].sum()
                 (grad,) = torch.autograd.grad(out, h)
                 hit = grad[0] != 0

@@ -20,6 +20,8 @@ from dgmlab import autoregressive as A
 from dgmlab import baselines as B
 from dgmlab import classifiers as C
 from dgmlab import flows as F
+from dgmlab import latent as L
+from dgmlab import vae as V
 from dgmlab.base import GenerativeModel
 from dgmlab.validate import validation
 
@@ -81,6 +83,18 @@ EXAMPLES = {
         F.realnvp_image((1, 4, 4), levels=3, scales=1, steps=1, hidden=4),
         F.dequantization_noise(16, layers=1, hidden=8), 3), levels((1, 4, 4), 3), None),
     "discretized logistic": lambda: (F.DiscretizedLogistic((2, 3), 5), levels((2, 3), 5), None),
+    "linear gaussian (PPCA)": lambda: (randomised(L.LinearGaussian(4, 2)), normal((4,)), None),
+    "gaussian mixture": lambda: (randomised(L.GaussianMixture(3, 2)), normal((3,)), None),
+    "VAE, bernoulli decoder": lambda: (randomised(V.vae_mlp(6, 2, decoder="bernoulli", hidden=(8,))),
+                                       binary((6,)), None),
+    "VAE, categorical, IAF posterior, VampPrior": lambda: (randomised(V.vae_mlp(
+        (1, 2, 3), 2, decoder="categorical", levels=5, hidden=(8,), posterior="iaf", iaf_hidden=(4,),
+        prior="vamp", pseudo_inputs=3)), levels((1, 2, 3), 5), None),
+    "VAE, gaussian decoder, mixture prior": lambda: (randomised(V.vae_mlp(
+        3, 2, decoder="gaussian", hidden=(8,), prior="mixture", components=3)), normal((3,)), None),
+    "VAE, PixelCNN decoder, flow prior": lambda: (randomised(V.vae_mlp(
+        (1, 3, 3), 2, decoder="pixelcnn", levels=4, hidden=(8,), prior="flow", flow_layers=1, flow_hidden=(4,),
+        pixelcnn=dict(channels=4, layers=1, kernel=3, first_kernel=3))), levels((1, 3, 3), 4), None),
 }
 
 
