@@ -335,33 +335,37 @@ def curse_of_dimensionality(
         raise ValueError(f"alpha should be > 0 (the smoothed histogram), got {alpha}.")
     if order is None:
         order = train.double().var(0).argsort(descending=True)
-    keys = ("dims", "bins", "occupied", "unseen", "mle_train", "mle_test", "mle_test_seen",
-            "smoothed_train", "smoothed_test", "pseudo_mass", "independent_test")
-    out: dict[str, list] = {key: [] for key in keys}
-    n = len(train)
+    rows = []
     for d in dims:
         d = check_positive_int(int(d), "d")
-        a, b = train[:, order[:d]].long(), test[:, order[:d]].long()
-        smoothed = Histogram.from_data(a, k, alpha)
-        bin_a, bin_b = smoothed.encode(a), smoothed.encode(b)
-        counts = torch.bincount(bin_a, minlength=k**d).double()
-        log_mle = (counts / n).log()  # −∞ on the empty bins
-        seen = counts[bin_b] > 0
-        indep = IndependentCategorical.from_data(a, k, alpha)
-        with torch.no_grad():
-            out["dims"].append(d)
-            out["bins"].append(k**d)
-            out["occupied"].append((counts > 0).double().mean().item())
-            out["unseen"].append(1 - seen.double().mean().item())
-            out["mle_train"].append(-log_mle[bin_a].mean().item() / d)
-            out["mle_test"].append(-log_mle[bin_b].mean().item() / d)
-            out["mle_test_seen"].append(-log_mle[bin_b[seen]].mean().item() / d
-                                        if seen.any() else math.nan)
-            out["smoothed_train"].append(-smoothed.log_prob(a).mean().item() / d)
-            out["smoothed_test"].append(-smoothed.log_prob(b).mean().item() / d)
-            out["pseudo_mass"].append(alpha * k**d / (n + alpha * k**d))
-            out["independent_test"].append(-indep.log_prob(b).mean().item() / d)
-    return out
+        rows.append(_histogram_scores(train[:, order[:d]].long(), test[:, order[:d]].long(), k, alpha))
+    keys = ("dims", "bins", "occupied", "unseen", "mle_train", "mle_test", "mle_test_seen",
+            "smoothed_train", "smoothed_test", "pseudo_mass", "independent_test")
+    return {key: [row[key] for row in rows] for key in keys}
+
+
+@torch.no_grad()
+def _histogram_scores(a: torch.Tensor, b: torch.Tensor, k: int, alpha: float) -> dict:
+    """One entry of :func:`curse_of_dimensionality`: training variables ``a``, test ``b``, (N, d)."""
+    n, d = a.shape
+    smoothed = Histogram.from_data(a, k, alpha)
+    bin_a, bin_b = smoothed.encode(a), smoothed.encode(b)
+    counts = torch.bincount(bin_a, minlength=k**d).double()
+    log_mle = (counts / n).log()  # −∞ on the empty bins
+    seen = counts[bin_b] > 0
+    indep = IndependentCategorical.from_data(a, k, alpha)
+    return {
+        "dims": d, "bins": k**d,
+        "occupied": (counts > 0).double().mean().item(),
+        "unseen": 1 - seen.double().mean().item(),
+        "mle_train": -log_mle[bin_a].mean().item() / d,
+        "mle_test": -log_mle[bin_b].mean().item() / d,
+        "mle_test_seen": -log_mle[bin_b[seen]].mean().item() / d if seen.any() else math.nan,
+        "smoothed_train": -smoothed.log_prob(a).mean().item() / d,
+        "smoothed_test": -smoothed.log_prob(b).mean().item() / d,
+        "pseudo_mass": alpha * k**d / (n + alpha * k**d),
+        "independent_test": -indep.log_prob(b).mean().item() / d,
+    }
 
 
 class DiagonalGaussian(GenerativeModel):
