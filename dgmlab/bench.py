@@ -26,13 +26,23 @@ import torch
 
 from .files import atomic_write
 
-__all__ = ["BENCHMARKS", "benchmark", "measure", "Judge", "run", "main", "RESULTS_DIR"]
+__all__ = ["BENCHMARKS", "benchmark", "measure", "Judge", "run", "main", "RESULTS_DIR", "measure_vae",
+           "vae_diagnostics"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
 BENCHMARKS: dict[str, tuple[Callable[[], list[dict]], str]] = {}
 GRID = 16  # samples per model in a benchmark's figure
 HEADERS = ("data", "model", "parameters", "training (s)", "test NLL (nats)", "bits/dim",
            "FD (real floor)", "precision (floor)", "recall (floor)", "sampling (ms/image)")
+# Columns a table adds after HEADERS when some of its rows carry the key (a VAE's diagnostics,
+# from :func:`vae_diagnostics`); a row without it shows "–".
+EXTRA_COLUMNS = (
+    ("iwae_k", "NLL bound", lambda r: f"IWAE, k = {r['iwae_k']}"),
+    ("elbo_nats", "−ELBO (nats)", lambda r: f"{r['elbo_nats']:.2f}"),
+    ("elbo_bpd", "−ELBO (bits/dim)", lambda r: f"{r['elbo_bpd']:.3f}"),
+    ("kl_nats", "KL (nats)", lambda r: f"{r['kl_nats']:.2f}"),
+    ("active_units", "active units", lambda r: f"{r['active_units']} / {r['latent_dim']}"),
+)
 
 
 def benchmark(name: str, description: str):
@@ -69,7 +79,8 @@ class Judge:
 
 
 def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, judge: Judge,
-            *, samples: int | None = None) -> dict:
+            *, samples: int | None = None, nll_kwargs: dict | None = None,
+            extra: Callable[[torch.nn.Module, torch.Tensor], dict] | None = None) -> dict:
     """Fit a model (timed), score it on ``test``, draw and judge ``samples`` objects: one row.
 
     ``fit()`` returns the model, or ``(model, history)`` for a model trained with
@@ -79,7 +90,11 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     ``nll_is_bound``, ``train_s``, ``sample_ms``, ``fd``, ``fd_floor``, ``fd_ratio``,
     ``kid``, ``precision``, ``recall``, ``class_entropy`` and more; under ``grid``, the
     first :data:`GRID` samples as [0, 1] images, which :func:`run` draws and keeps out
-    of the JSON.
+    of the JSON; ``epochs``, the epochs trained, for a model fitted with a history.
+
+    ``nll_kwargs`` go to :func:`~dgmlab.metrics.heldout_nll` (``k=1000``: a VAE's NLL is
+    its IWAE bound); ``extra(model, test)`` returns more keys for the row (seeded here),
+    e.g. :func:`vae_diagnostics`, which :func:`markdown_table` shows as extra columns.
     """
     from .metrics import heldout_nll
 
@@ -90,8 +105,12 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     model, history = fitted if isinstance(fitted, tuple) else (fitted, None)
     epoch_s = history.seconds[-1] / len(history) if history is not None and len(history) else None
     start = time.perf_counter()
-    nll = heldout_nll(model, test)
+    nll = heldout_nll(model, test, **(nll_kwargs or {}))
     density_ms = 1000 * (time.perf_counter() - start) / len(test)
+    torch.manual_seed(0)
+    more = {} if extra is None else extra(model, test)
+    if history is not None:
+        more["epochs"] = len(history)
     n = samples or len(test)
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -100,23 +119,32 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     return {"data": data_name, "model": model_name, "parameters": model.num_parameters(),
             "train_s": train_s, "epoch_s": epoch_s, "nll_nats": nll.nats, "bits_per_dim": nll.bpd,
             "nll_is_bound": nll.is_bound, "density_ms": density_ms, "sample_ms": sample_ms, **judge(drawn),
-            "grid": judge.unit(drawn[:GRID]).reshape(-1, *judge.heldout.shape[-3:]).cpu()}
+            **more, "grid": judge.unit(drawn[:GRID]).reshape(-1, *judge.heldout.shape[-3:]).cpu()}
+
+
+def _extra_columns(rows: list[dict]) -> list[tuple]:
+    """The :data:`EXTRA_COLUMNS` some row carries, in their fixed order."""
+    return [column for column in EXTRA_COLUMNS if any(column[0] in r for r in rows)]
 
 
 def _format(rows: list[dict]) -> list[list[str]]:
+    extras = _extra_columns(rows)
     out = []
     for r in rows:
         rel = "≤ " if r.get("nll_is_bound") else ""
         out.append([r["data"], r["model"], f"{r['parameters']:,}", f"{r['train_s']:.2f}",
                     f"{rel}{r['nll_nats']:.2f}", f"{r['bits_per_dim']:.3f}",
                     f"{r['fd']:.1f} ({r['fd_floor']:.1f})", f"{r['precision']:.2f} ({r['precision_floor']:.2f})",
-                    f"{r['recall']:.2f} ({r['recall_floor']:.2f})", f"{r['sample_ms']:.3f}"])
+                    f"{r['recall']:.2f} ({r['recall_floor']:.2f})", f"{r['sample_ms']:.3f}"]
+                   + [cell(r) if key in r else "–" for key, _, cell in extras])
     return out
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (the form the book includes)."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    """The rows as a Markdown table (the form the book includes): the columns of :data:`HEADERS`,
+    then those of :data:`EXTRA_COLUMNS` that some row carries."""
+    headers = [*HEADERS, *(header for _, header, _ in _extra_columns(rows))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cells) + " |" for cells in _format(rows)]
     return "\n".join(lines)
 
@@ -357,6 +385,133 @@ def _flows_mnist() -> list[dict]:
 
     return [measure("MNIST, 8-bit", "RealNVP (2 scales), uniform dequantization, 10 min", realnvp, test_x,
                     mnist_judge(256), samples=MNIST_SAMPLES)]
+
+
+# ------------------------------------------------------------------------------ VAEs
+VAE_IWAE_K = 1000  # importance samples of the IWAE bound reported as a VAE's NLL (Burda et al. use 5000)
+
+
+@torch.no_grad()
+def vae_diagnostics(model, test: torch.Tensor, *, draws: int = 10, batch_size: int = 1000) -> dict:
+    """A VAE's −ELBO on ``test`` in nats and bits/dim, its rate KL(q(z | x) ‖ p(z)) in nats, and
+    its active units (Burda et al. 2015, :func:`dgmlab.vae.active_units`) out of ``latent_dim``.
+
+    The −ELBO and the KL are means over the objects and ``draws`` one-sample estimates each
+    (:meth:`dgmlab.vae.VAE.elbo`; the KL is exact for a Gaussian posterior under N(0, I),
+    Monte Carlo otherwise), in eval mode (no dropout).
+    """
+    from .metrics import nats_to_bpd
+    from .vae import active_units
+
+    was_training = model.training
+    model.eval()
+    try:
+        elbo, kl = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for _ in range(draws):
+            for part in test.split(batch_size):
+                terms = model.elbo(part.to(model.device))
+                elbo += terms.elbo.double().sum().cpu()
+                kl += terms.kl.double().sum().cpu()
+    finally:
+        model.train(was_training)
+    elbo_nats, kl_nats = -elbo.item() / (draws * len(test)), kl.item() / (draws * len(test))
+    return {"elbo_nats": elbo_nats, "elbo_bpd": float(nats_to_bpd(elbo_nats, test[0].numel())),
+            "kl_nats": kl_nats, "active_units": active_units(model, test), "latent_dim": model.latent_dim}
+
+
+def measure_vae(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, judge: Judge, *,
+                k: int = VAE_IWAE_K, samples: int | None = None) -> dict:
+    """:func:`measure` for a VAE: its NLL is the IWAE bound with ``k`` samples, and the row carries
+    ``iwae_k`` and the keys of :func:`vae_diagnostics` (−ELBO, KL, active units)."""
+    row = measure(data_name, model_name, fit, test, judge, samples=samples, nll_kwargs={"k": k},
+                  extra=lambda model, x: {"iwae_k": k, **vae_diagnostics(model, x)})
+    print(f"({model_name}: {row.get('epochs')} epochs in {row['train_s']:.0f} s, NLL ≤ {row['nll_nats']:.2f}, "
+          f"−ELBO {row['elbo_nats']:.2f}, KL {row['kl_nats']:.2f} nats)", file=sys.stderr, flush=True)
+    return row
+
+
+def digits_vae_row(model_name: str, settings: dict, training: dict, *, epochs: int,
+                   budget: float = DIGITS_BUDGET_S, k: int = VAE_IWAE_K, train_size: int | None = None) -> dict:
+    """One row of the ``vae`` benchmark: a :func:`dgmlab.vae.vae_mlp` with ``settings`` fitted on the
+    17-level digits' training split (``train_size`` objects; all by default; validation split for
+    the best epoch) for at most ``budget`` seconds (a cosine schedule over ``epochs``), scored on
+    the test split with the IWAE bound (``k`` samples)."""
+    from . import embedded
+    from . import vae as V
+
+    xl, xl_val, xl_test = (embedded.digits(s, "levels").x for s in ("train", "val", "test"))
+
+    def fit():
+        torch.manual_seed(0)
+        model = V.vae_mlp(embedded.DIGITS_SHAPE, levels=embedded.DIGITS_LEVELS, **settings)
+        return _fit_timed(model, xl[:train_size], xl_val, epochs=epochs, budget=budget, **training)
+
+    return measure_vae("digits, 17 levels", model_name, fit, xl_test, digits_judge("levels"), k=k)
+
+
+VAE_EPOCHS, PIXELVAE_EPOCHS = 300, 30  # the cosine schedules of dgmlab.vae's digits settings
+
+
+@benchmark("vae", "VAEs on the 17-level digits, at most 60 s of CPU training each: test NLL = IWAE bound "
+           "(k = 1000), with the −ELBO, the KL and the active units")
+def _vae() -> list[dict]:
+    from . import baselines as B
+    from . import embedded
+    from . import vae as V
+
+    xl, xl_test = (embedded.digits(s, "levels").x for s in ("train", "test"))
+    plain, training = V.DIGITS_VAE, V.DIGITS_VAE_TRAINING
+    collapsing = {**V.DIGITS_PIXELVAE, "warmup_steps": 0}  # no remedy: the PixelCNN ignores z
+
+    def factorised(name, settings):
+        return digits_vae_row(name, settings, training, epochs=VAE_EPOCHS)
+
+    def pixelvae(name, settings):
+        return digits_vae_row(name, settings, V.DIGITS_PIXELVAE_TRAINING, epochs=PIXELVAE_EPOCHS)
+
+    return [
+        measure("digits, 17 levels", "independent pixels",
+                lambda: B.IndependentCategorical.from_data(xl, 17, alpha=0.5), xl_test, digits_judge("levels")),
+        factorised("VAE: Gaussian q, N(0, I) prior, factorised decoder", plain),
+        factorised("VAE + VampPrior", {**plain, "prior": "vamp"}),
+        factorised("VAE + flow prior (MAF)", {**plain, "prior": "flow"}),
+        factorised("VAE + IAF posterior", {**plain, "posterior": "iaf"}),
+        pixelvae("VAE, PixelCNN decoder, no remedy", collapsing),
+        pixelvae("VAE, PixelCNN decoder, free bits (0.25 nats)", {**collapsing, "free_bits": 0.25}),
+        pixelvae(f"VAE, PixelCNN decoder, KL annealing ({V.DIGITS_PIXELVAE['warmup_steps']} batches)",
+                 V.DIGITS_PIXELVAE),
+    ]
+
+
+# A one-layer VAE on binarized MNIST: Burda et al.'s sizes (2 hidden layers of 200 units, 50 latents),
+# with ReLUs where they used tanh, trained for a fixed CPU budget
+MNIST_VAE = dict(latent_dim=50, hidden=(200, 200), decoder="bernoulli")
+MNIST_VAE_TRAINING = dict(epochs=100, batch_size=100, lr=1e-3)  # with a cosine schedule over the epochs
+MNIST_VAE_BUDGET_S = 360.0
+MNIST_VAE_IWAE_K = 1000
+
+
+@benchmark("vae-mnist", "a one-layer VAE on binarized MNIST, 6 minutes of CPU training; test NLL = IWAE bound "
+           "(k = 1000) on the 10,000 test images (needs the MNIST files)")
+def _vae_mnist() -> list[dict]:
+    from . import baselines as B
+    from . import datasets
+    from . import vae as V
+
+    images = {s: datasets.binarized_mnist(s, download=False) for s in ("train", "val", "test")}
+    judge = mnist_judge()
+
+    def vae():
+        torch.manual_seed(0)
+        model = V.vae_mlp((1, 28, 28), **MNIST_VAE)
+        return _fit_timed(model, images["train"], images["val"], budget=MNIST_VAE_BUDGET_S, **MNIST_VAE_TRAINING)
+
+    minutes = f"{MNIST_VAE_BUDGET_S / 60:g} min"
+    return [measure("MNIST, binarized", "independent pixels", lambda: B.IndependentBernoulli.from_data(
+                images["train"].reshape(-1, 784), alpha=1.0), images["test"].reshape(-1, 784), judge,
+                samples=MNIST_SAMPLES),
+            measure_vae("MNIST, binarized", f"VAE (2×200 ReLU, 50 latents), {minutes}", vae, images["test"], judge,
+                        k=MNIST_VAE_IWAE_K, samples=MNIST_SAMPLES)]
 
 
 def main(argv=None) -> int:

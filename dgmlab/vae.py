@@ -59,7 +59,7 @@ __all__ = [
     "StandardNormal", "MixturePrior", "VampPrior", "FlowPrior",
     "kl_per_dimension", "posterior_means", "unit_activity", "active_units", "AggregatedPosterior",
     "Surgery", "elbo_surgery", "gradient_estimates", "mlp", "Decoder",
-    "DIGITS_VAE", "DIGITS_VAE_TRAINING", "DIGITS_BEST_VAE", "DIGITS_PIXELVAE", "DIGITS_PIXELVAE_TRAINING",
+    "DIGITS_VAE", "DIGITS_VAE_TRAINING", "DIGITS_PIXELVAE", "DIGITS_PIXELVAE_TRAINING",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -74,7 +74,6 @@ LOG_2PI = math.log(2 * math.pi)
 DIGITS_VAE = dict(latent_dim=32, hidden=(384,), dropout=0.3, decoder="categorical", prior="normal",
                   posterior="gaussian")
 DIGITS_VAE_TRAINING = dict(batch_size=64, lr=1e-3)
-DIGITS_BEST_VAE = {**DIGITS_VAE, "prior": "vamp", "posterior": "iaf"}  # both remedies of the factorised VAE
 DIGITS_PIXELVAE = dict(latent_dim=16, hidden=(256,), decoder="pixelcnn", warmup_steps=600,
                        pixelcnn=dict(channels=32, layers=4, kernel=5, first_kernel=7, dropout=0.3))
 DIGITS_PIXELVAE_TRAINING = dict(batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=3e-2)
