@@ -12,7 +12,7 @@ Modules, by topic (imported on first use, so ``import dgmlab`` stays fast):
 * :mod:`dgmlab.divergences` -- f-divergences, KL between Gaussians, forward/reverse fits
 * :mod:`dgmlab.baselines` -- independent-pixel, Markov-chain and Gaussian baselines
 * :mod:`dgmlab.classifiers` -- generative vs discriminative classifiers (Chapter 1)
-* :mod:`dgmlab.autoregressive` -- MADE, PixelCNN and gated PixelCNN
+* :mod:`dgmlab.autoregressive` -- MADE, PixelCNN, gated PixelCNN and a small Transformer
 * :mod:`dgmlab.flows`     -- normalizing flows: planar, RealNVP, Glow layers, MAF/IAF, dequantization
 * :mod:`dgmlab.latent`    -- latent variable models with exact posteriors: PPCA, Gaussian mixtures and EM
 * :mod:`dgmlab.vae`       -- the VAE: encoders, decoders, priors, IAF posteriors, IWAE, diagnostics

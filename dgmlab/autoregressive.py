@@ -1,4 +1,4 @@
-"""Autoregressive models (Chapter 3): MADE and PixelCNN.
+"""Autoregressive models (Chapter 3): MADE and PixelCNN; the Transformer (Chapter 6).
 
 The chain rule writes any distribution as p(x) = Π_j p(x_j | x_<j). An
 autoregressive network computes all m conditionals in **one** pass, by
@@ -16,6 +16,9 @@ one per dimension, because x_j must exist before x_{j+1} can be drawn.
 * :class:`GatedPixelCNN` splits the network into a vertical stack (rows above)
   and a horizontal stack (pixels to the left), with gated activations
   tanh ⊙ σ: no blind spot.
+* :class:`Transformer` (Chapter 6, a prior over a VQ-VAE's codes) reads a
+  sequence of tokens through causal self-attention: every earlier token is
+  in view, none later, and a class token can open the sequence.
 
 Images are ``(N, C, H, W)`` integers in 0..levels−1 (``levels=2``: binary,
 given as floats 0/1 too). With C = 3 colour channels a pixel is generated
@@ -55,6 +58,10 @@ __all__ = [
     "gate",
     "discretized_logistic_mixture_log_prob",
     "receptive_field",
+    "causal_mask",
+    "CausalSelfAttention",
+    "Block",
+    "Transformer",
     "DIGITS_MADE",
     "DIGITS_MADE_TRAINING",
     "DIGITS_PIXELCNN",
@@ -717,3 +724,165 @@ def receptive_field(model: _PixelModel | MADE, pixel: tuple[int, int] | int, *, 
     finally:
         model.train(was_training)
     return seen
+
+
+# ========================================================================= Transformer
+def causal_mask(t: int, device=None) -> torch.Tensor:
+    """The (t, t) boolean mask of causal attention: entry (i, j) is True where position i may
+    attend to position j, i.e. j ≤ i (a lower triangle, diagonal included)."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position i only attends to positions j ≤ i.
+
+    For each of the H heads, with d_h = d_model / H and the projections
+    q = h W_q, k = h W_k, v = h W_v of the sequence h (N, T, d_model):
+
+        A = softmax(q kᵀ / √d_h + M),   M_ij = 0 if j ≤ i else −∞,
+        head = A v;
+
+    the heads are concatenated and mixed by the output projection W_o. The mask
+    M is what makes the network autoregressive: row i of A puts no weight on later
+    positions, so nothing after position i reaches output i.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model ({d_model}) should be a multiple of heads ({heads}).")
+        self.heads, self.d_head = heads, d_model // heads
+        self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.proj = nn.Linear(d_model, d_model)  # W_o
+        self.dropout = nn.Dropout(dropout)
+
+    def split_heads(self, a: torch.Tensor) -> torch.Tensor:
+        """(N, T, d_model) → (N, H, T, d_h): one sequence of d_h features per head."""
+        n, t, _ = a.shape
+        return a.reshape(n, t, self.heads, self.d_head).transpose(1, 2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, T, d_model) → (N, T, d_model)."""
+        n, t, d = h.shape
+        q, k, v = self.split_heads(self.q(h)), self.split_heads(self.k(h)), self.split_heads(self.v(h))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (N, H, T, T): q_i · k_j / √d_h
+        scores = scores.masked_fill(~causal_mask(t, h.device), float("-inf"))  # no look ahead
+        attention = self.dropout(torch.softmax(scores, dim=-1))  # each row sums to 1 over j ≤ i
+        heads = attention @ v  # (N, H, T, d_h)
+        return self.proj(heads.transpose(1, 2).reshape(n, t, d))
+
+
+class Block(nn.Module):
+    """One Transformer layer (pre-LayerNorm, as in GPT-2):
+
+        h ← h + Attention(LayerNorm(h)),   h ← h + MLP(LayerNorm(h)),
+
+    the MLP acting on each position alone (d_model → 4·d_model → d_model, GELU).
+    Only the attention mixes positions, and it looks back only.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attention = CausalSelfAttention(d_model, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
+                                 nn.Dropout(dropout))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
+
+
+class Transformer(GenerativeModel):
+    """A small decoder-only Transformer over sequences of tokens (minGPT-style).
+
+    One object is L = event_size integer tokens in 0..vocab−1, of shape
+    ``event_shape``: a sequence (L,) or a grid such as (1, h, w) of a VQ-VAE's
+    codes, read in raster order. By the chain rule
+
+        log p(x | c) = Σ_{t=1..L} log p(x_t | x_<t, c),
+
+    and one pass computes every term: the network reads the sequence shifted
+    right by one, [s, x_1, …, x_{L−1}], where the start token s is a learned
+    "begin" token or, with ``num_classes``, the token of the class c given as
+    ``context`` (DALL-E's recipe in miniature: a "caption" token, then the image
+    tokens, one sequence). Token and learned position embeddings are summed, go
+    through ``layers`` :class:`Block` s of causal self-attention, and a final
+    LayerNorm and linear head give at position t the logits of x_t; the causal
+    mask lets position t see s, x_1, …, x_{t−1} only. ``sample`` draws x_1,
+    x_2, … one at a time (L passes; no key/value cache, which is fine for L ≤ 64).
+
+    Parameters: 12·layers·d_model² + 13·layers·d_model (the blocks) plus
+    (2·vocab + L + classes + 2)·d_model + vocab (embeddings, final norm, head;
+    classes = 1 without ``num_classes``: the begin token); with the defaults
+    (d_model 64, 2 layers) about 100k: 103,824 for a 4×4 grid of 16 codes with
+    10 classes (``num_parameters()``).
+    """
+
+    def __init__(self, event_shape, vocab: int, *, d_model: int = 64, heads: int = 4, layers: int = 2,
+                 dropout: float = 0.0, num_classes: int | None = None):
+        self.vocab = check_positive_int(vocab, "vocab")
+        if vocab < 2:
+            raise ValueError(f"vocab should be at least 2 tokens, got {vocab}.")
+        self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
+        super().__init__(event_shape, support=constraints.integer_interval(0, vocab - 1),
+                         context_shape=None if num_classes is None else (),
+                         context_support=constraints.integer_interval(0, (num_classes or 1) - 1))
+        d = check_positive_int(d_model, "d_model")
+        self.token = nn.Embedding(vocab, d)
+        self.start = nn.Embedding(self.num_classes or 1, d)  # the "begin" token, or one per class
+        self.position = nn.Embedding(self.event_size, d)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d, check_positive_int(heads, "heads"), dropout)
+                                    for _ in range(check_positive_int(layers, "layers")))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        self.apply(_gpt_init)
+
+    def _logits(self, prefix: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """Logits (N, t+1, vocab) of x_1, …, x_{t+1} from the tokens ``prefix`` (N, t) = x_1..x_t."""
+        n, t = prefix.shape
+        s = self.start(c.long() if c is not None else torch.zeros(n, dtype=torch.long, device=prefix.device))
+        h = torch.cat([s[:, None], self.token(prefix)], dim=1)  # [s, x_1, …, x_t]: shifted right
+        h = self.dropout(h + self.position.weight[: t + 1])
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+    def logits(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, L, vocab): row t those of token t given the tokens before it (raster order) and c."""
+        x, c = self.check_input(x, context)
+        return self._logits(x.reshape(len(x), -1)[:, :-1].long(), c)
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log p(x | c) = Σ_t log p(x_t | x_<t, c) in nats, shape (N,): one pass."""
+        x, c = self.check_input(x, context)
+        tokens = x.reshape(len(x), -1).long()
+        log_p = torch.log_softmax(self._logits(tokens[:, :-1], c), dim=-1)  # (N, L, vocab)
+        return log_p.gather(-1, tokens[..., None]).squeeze(-1).sum(1)
+
+    @torch.no_grad()
+    def sample(self, n: int, context: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Draw ``n`` objects token by token: x_t ~ softmax(logits_t(x_<t, c)), t = 1..L.
+
+        ``context``: the class of a class-conditional model, one int for all n or a
+        tensor (n,) of labels."""
+        c = self.check_sample_args(n, context)
+        was_training = self.training
+        self.eval()
+        device = self.device
+        c = None if c is None else c.to(device)
+        x = torch.zeros(n, 0, dtype=torch.long, device=device)
+        for _ in range(self.event_size):
+            logits = self._logits(x, c)[:, -1]  # those of the next token
+            x = torch.cat([x, torch.multinomial(torch.softmax(logits, -1), 1)], dim=1)
+        self.train(was_training)
+        return x.reshape(n, *self.event_shape)
+
+
+def _gpt_init(module: nn.Module) -> None:
+    """GPT-2's initialisation: weights N(0, 0.02²), biases zero (LayerNorm keeps its 1 and 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -72,6 +72,10 @@ EXAMPLES = {
     "gated PixelCNN, colour, logistic mixture": lambda: (randomised(A.GatedPixelCNN(
         (3, 3, 3), levels=4, channels=6, layers=2, kernel=3, first_kernel=3, output="logistic_mixture",
         mixtures=2)), levels((3, 3, 3), 4), None),
+    "Transformer, class-conditional": lambda: (randomised(A.Transformer(
+        (1, 2, 3), 4, d_model=8, heads=2, layers=1, num_classes=3)), levels((1, 2, 3), 4), labels(3)),
+    "Transformer, sequence": lambda: (randomised(A.Transformer(5, 3, d_model=8, heads=2, layers=2)),
+                                      levels((5,), 3), None),
     "RealNVP flow": lambda: (randomised(F.realnvp_2d(2, hidden=8)), normal((2,)), None),
     "planar flow": lambda: (F.planar_flow(2, layers=2), normal((2,)), None),
     "conditional flow": lambda: (randomised(F.dequantization_noise(4, layers=2, hidden=8)),

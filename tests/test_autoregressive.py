@@ -339,3 +339,193 @@ def test_the_one_row_shift_keeps_the_horizontal_stack_causal(first):
     expected = torch.zeros(7, 7, dtype=torch.bool)
     expected[r, c - 1: c + (0 if first else 1)] = True  # the first layer hides the pixel itself
     assert torch.equal(from_h, expected)
+
+
+# ------------------------------------------- the Transformer (Chapter 6's prior over codes)
+def randomised_transformer(*args, seed=0, scale=0.5, **kwargs):
+    """A Transformer with every parameter drawn N(0, scale²): far from the near-uniform start."""
+    torch.manual_seed(seed)
+    model = A.Transformer(*args, **kwargs)
+    for p in model.parameters():
+        p.data.normal_(0, scale)
+    return model.eval()
+
+
+def test_causal_mask_by_hand():
+    assert A.causal_mask(3).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+def test_causal_self_attention_matches_torch():
+    """Written out (q, k, v, scaled dot products, mask, softmax, W_o), it equals nn.MultiheadAttention
+    with a causal mask, and F.scaled_dot_product_attention(is_causal=True), on the same weights."""
+    torch.manual_seed(0)
+    attention = A.CausalSelfAttention(12, heads=3)
+    for p in attention.parameters():
+        p.data.normal_(0, 0.3)
+    reference = torch.nn.MultiheadAttention(12, 3, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([attention.q.weight, attention.k.weight, attention.v.weight]))
+        reference.in_proj_bias.copy_(torch.cat([attention.q.bias, attention.k.bias, attention.v.bias]))
+        reference.out_proj.weight.copy_(attention.proj.weight)
+        reference.out_proj.bias.copy_(attention.proj.bias)
+    h = torch.randn(4, 7, 12)
+    future = torch.ones(7, 7, dtype=torch.bool).triu(1)  # True: may not attend
+    expected, _ = reference(h, h, h, attn_mask=future, need_weights=False)
+    assert torch.allclose(attention(h), expected, atol=1e-5)
+    heads = [x.reshape(4, 7, 3, 4).transpose(1, 2) for x in (attention.q(h), attention.k(h), attention.v(h))]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
+    assert torch.allclose(attention(h), attention.proj(sdpa.transpose(1, 2).reshape(4, 7, 12)), atol=1e-5)
+
+
+def test_transformer_logits_at_t_depend_only_on_earlier_tokens():
+    """Row t of the logits (those of x_t) is unchanged when x_t, x_t+1, ... change, and changes with
+    x_t−1: the causal mask and the shift by one start token, neither more nor less."""
+    model = randomised_transformer((1, 2, 3), 5, d_model=16, heads=2, layers=2, num_classes=3)
+    x = torch.randint(5, (4, 6), generator=torch.Generator().manual_seed(1))
+    c = torch.tensor([0, 1, 2, 1])
+    base = model.logits(x.reshape(4, 1, 2, 3), c)
+    assert base.shape == (4, 6, 5)
+    for t in range(6):
+        x2 = x.clone()
+        x2[:, t:] = (x2[:, t:] + 1 + torch.randint(4, (4, 6 - t))) % 5  # every token from t on changed
+        changed = model.logits(x2.reshape(4, 1, 2, 3), c)
+        assert torch.allclose(changed[:, : t + 1], base[:, : t + 1], atol=1e-6), f"row ≤ {t} sees x_{t} or later"
+        if t < 5:
+            assert (changed[:, t + 1] - base[:, t + 1]).abs().amax(1).min() > 1e-3, f"row {t + 1} ignores x_{t}"
+
+
+def test_learned_positions_let_the_transformer_see_order():
+    """Attention alone treats the tokens before a position as a set: in one layer, swapping two
+    earlier tokens leaves the last row of logits as it was. The position embeddings break the tie."""
+    model = randomised_transformer(5, 4, d_model=8, heads=2, layers=1)
+    x, swapped = torch.tensor([[0, 1, 2, 3, 0]]), torch.tensor([[1, 0, 2, 3, 0]])
+    with torch.no_grad():
+        assert not torch.allclose(model.logits(x)[0, -1], model.logits(swapped)[0, -1], atol=1e-4)
+        model.position.weight.zero_()
+        assert torch.allclose(model.logits(x)[0, -1], model.logits(swapped)[0, -1], atol=1e-5)  # order-blind
+
+
+def all_sequences(length, vocab):
+    return torch.tensor(list(itertools.product(range(vocab), repeat=length)))
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_transformer_probabilities_sum_to_one_for_every_class(num_classes):
+    model = randomised_transformer(4, 3, d_model=8, heads=2, layers=2, num_classes=num_classes)
+    xs = all_sequences(4, 3)  # all 81
+    totals = []
+    for y in [None] if num_classes is None else range(num_classes):
+        log_p = model.log_prob(xs, None if y is None else torch.full((81,), y)).double()
+        totals.append(log_p.exp().sum().item())
+        assert log_p.exp().max() > 2 / 81  # far from uniform (1/81): the check is not vacuous
+    assert totals == pytest.approx([1.0] * len(totals), abs=1e-5)
+
+
+def chisquare_pvalue(samples, probs, vocab):
+    """scipy's χ² test of sequences (n, L) against the probabilities of all_sequences (in its order);
+    cells expected fewer than 5 times are pooled into one."""
+    from scipy.stats import chisquare
+
+    n, length = samples.shape
+    codes = (samples * vocab ** torch.arange(length - 1, -1, -1)).sum(1)
+    counts = torch.bincount(codes, minlength=len(probs)).double()
+    expected = probs / probs.sum() * n
+    small = expected < 5
+    f_obs, f_exp = counts[~small], expected[~small]
+    if small.any():
+        f_obs, f_exp = torch.cat([f_obs, counts[small].sum()[None]]), torch.cat([f_exp, expected[small].sum()[None]])
+    return chisquare(f_obs.numpy(), f_exp.numpy()).pvalue
+
+
+def test_transformer_samples_follow_its_own_distribution():
+    """Many samples against the enumerated probabilities (χ²): one class for all, and a class each."""
+    model = randomised_transformer(3, 3, d_model=8, heads=2, layers=1, num_classes=2, seed=2)
+    xs = all_sequences(3, 3)
+    with torch.no_grad():
+        probs = [model.log_prob(xs, torch.full((27,), y)).double().exp() for y in range(2)]
+    assert (probs[0] - probs[1]).abs().max() > 0.05  # the classes differ
+    torch.manual_seed(3)
+    n = 20_000
+    assert chisquare_pvalue(model.sample(n, context=1).reshape(n, 3), probs[1], 3) > 1e-3
+    y = torch.arange(n) % 2
+    mixed = model.sample(n, context=y).reshape(n, 3)
+    for k in range(2):
+        assert chisquare_pvalue(mixed[y == k], probs[k], 3) > 1e-3
+
+
+def counting_sequences(n, seed, vocab=6, classes=4, length=5):
+    """Toy "captioned" sequences: the first token is the class, then each token is the previous + 0 or + 1."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n,), generator=g)
+    steps = torch.randint(2, (n, length - 1), generator=g)
+    return torch.cat([y[:, None], (y[:, None] + steps.cumsum(1)) % vocab], 1), y
+
+
+def test_the_class_token_conditions_the_transformer_and_it_learns():
+    x, y = counting_sequences(512, 0)
+    model = randomised_transformer(5, 6, d_model=32, heads=2, layers=2, num_classes=4)
+    assert not torch.allclose(model.log_prob(x[:8], y[:8]), model.log_prob(x[:8], (y[:8] + 1) % 4))
+    model = A.Transformer(5, 6, d_model=32, heads=2, layers=2, num_classes=4)
+    train.fit(model, (x, y), epochs=20, batch_size=64, lr=3e-3, progress=False)
+    xt, yt = counting_sequences(256, 1)
+    with torch.no_grad():
+        right, wrong = model.log_prob(xt, yt).mean(), model.log_prob(xt, (yt + 1) % 4).mean()
+    assert -right < 4 * math.log(2) + 0.5  # close to the data's entropy (4 fair binary steps)
+    assert wrong < right - 3  # the wrong class makes the first token unlikely
+    torch.manual_seed(1)
+    c = torch.arange(200) % 4
+    s = model.sample(200, context=c)
+    assert (s[:, 0] == c).float().mean() > 0.95  # the sequences start with their class ...
+    step = (s[:, 1:] - s[:, :-1]) % 6
+    assert ((step == 0) | (step == 1)).float().mean() > 0.95  # ... and go on counting
+
+
+def code_grids(n, seed, levels=16, classes=10, noise=0.3):
+    """4×4 grids of codes: a fixed random grid per class, each cell replaced by a uniform code with
+    probability ``noise``. Returns the grids, their classes, and the entropy of a grid given its class."""
+    base = torch.randint(levels, (classes, 1, 4, 4), generator=torch.Generator().manual_seed(123))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n,), generator=g)
+    replaced = torch.rand(n, 1, 4, 4, generator=g) < noise
+    x = torch.where(replaced, torch.randint(levels, (n, 1, 4, 4), generator=g), base[y])
+    same, other = 1 - noise + noise / levels, noise / levels
+    entropy = -16 * (same * math.log(same) + (levels - 1) * other * math.log(other))
+    return x, y, entropy
+
+
+@pytest.mark.parametrize("prior", ["pixelcnn", "transformer"])
+def test_pixelcnn_and_transformer_are_interchangeable_priors_over_a_code_grid(prior):
+    """Trained on class-conditional 4×4 grids of 16 codes, both beat the uniform prior (16 log 16
+    nats) by far on held-out grids, and neither beats the data's own entropy (cross-entropy ≥ H)."""
+    x, y, entropy = code_grids(1000, 0)
+    xt, yt, _ = code_grids(500, 1)
+    torch.manual_seed(0)
+    model = (A.PixelCNN((1, 4, 4), levels=16, channels=32, layers=2, kernel=3, first_kernel=3, num_classes=10)
+             if prior == "pixelcnn" else A.Transformer((1, 4, 4), 16, d_model=32, heads=2, layers=2, num_classes=10))
+    train.fit(model, (x, y), epochs=8, batch_size=64, lr=3e-3, progress=False)
+    with torch.no_grad():
+        nll = -model.log_prob(xt, yt).mean().item()
+    assert entropy - 1 < nll < 16 * math.log(16) - 10
+
+
+def test_transformer_refuses_bad_input():
+    model = A.Transformer((1, 2, 2), 4, d_model=8, heads=2, layers=1, num_classes=3)
+    x, c = torch.zeros(2, 1, 2, 2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    assert model.log_prob(x.reshape(2, 4), c).shape == (2,)  # a flattened grid is fine
+    with pytest.raises(ValueError, match=r"expects x of shape \(N, 1, 2, 2\)"):
+        model.log_prob(torch.zeros(2, 5, dtype=torch.long), c)
+    with pytest.raises(ValueError, match=r"should lie in \[0, 3\]"):
+        model.log_prob(torch.full((2, 1, 2, 2), 4), c)
+    with pytest.raises(ValueError, match="pass labels"):
+        model.log_prob(x)
+    with pytest.raises(ValueError, match=r"should lie in \[0, 2\]"):
+        model.sample(2, context=3)
+    with pytest.raises(TypeError, match="integer class labels"):
+        model.log_prob(x, c.float())
+    with pytest.raises(ValueError, match="unconditional"):
+        A.Transformer(4, 3, d_model=8, heads=2).log_prob(x.reshape(2, 4), c)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        A.Transformer(4, 3, d_model=10, heads=4)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        A.Transformer(4, 1)
+    assert model.sample(3, context=torch.tensor([0, 1, 2])).shape == (3, 1, 2, 2)
