@@ -191,7 +191,8 @@ def sample_figure(rows: list[dict], grids: list[torch.Tensor], *, max_bytes: int
         ax.set_title(f"{textwrap.fill(row['model'], 20)}\n{nll}", fontsize=7)
     for dpi in (110, 90, 72, 56):
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+        fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight",
+                    pad_inches=0.05)  # "tight": a long title is never clipped
         if buffer.tell() <= max_bytes:
             break
     return buffer.getvalue()
