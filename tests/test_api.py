@@ -19,6 +19,7 @@ import dgmlab
 from dgmlab import autoregressive as A
 from dgmlab import baselines as B
 from dgmlab import classifiers as C
+from dgmlab import discrete as DS
 from dgmlab import flows as F
 from dgmlab import latent as L
 from dgmlab import vae as V
@@ -76,6 +77,22 @@ EXAMPLES = {
         (1, 2, 3), 4, d_model=8, heads=2, layers=1, num_classes=3)), levels((1, 2, 3), 4), labels(3)),
     "Transformer, sequence": lambda: (randomised(A.Transformer(5, 3, d_model=8, heads=2, layers=2)),
                                       levels((5,), 3), None),
+    "VQ-VAE, EMA codebook and restarts": lambda: (randomised(DS.VQVAE(
+        (1, 4, 4), levels=3, num_codes=16, code_dim=2, hidden=4, ema=True, restart=2)), levels((1, 4, 4), 3), None),
+    "VQ-VAE, binary, class-conditional PixelCNN prior": lambda: (randomised(DS.VQVAE(
+        (1, 4, 4), levels=2, num_codes=16, code_dim=2, hidden=4, prior=A.PixelCNN(
+            (1, 2, 2), levels=16, channels=4, layers=1, kernel=3, first_kernel=3, num_classes=2))),
+        binary((1, 4, 4)), labels(2)),
+    "VQ-VAE, class-marginal Transformer prior": lambda: (randomised(DS.VQVAE(
+        (1, 4, 4), levels=3, num_codes=16, code_dim=2, hidden=4, prior=DS.ClassMarginal(A.Transformer(
+            (1, 2, 2), 16, d_model=8, heads=2, layers=1, num_classes=3), torch.tensor([1.0, 2.0, 3.0])))),
+        levels((1, 4, 4), 3), None),
+    "class-marginal prior over codes": lambda: (DS.ClassMarginal(randomised(A.Transformer(
+        (1, 2, 2), 5, d_model=8, heads=2, layers=1, num_classes=3)), torch.tensor([1.0, 2.0, 3.0])),
+        levels((1, 2, 2), 5), None),
+    "uniform prior over codes": lambda: (DS.UniformCodes((1, 2, 2), 5), levels((1, 2, 2), 5), None),
+    "dVAE": lambda: (randomised(DS.DVAE((1, 4, 4), levels=3, num_codes=4, code_dim=2, hidden=4)),
+                     levels((1, 4, 4), 3), None),
     "RealNVP flow": lambda: (randomised(F.realnvp_2d(2, hidden=8)), normal((2,)), None),
     "planar flow": lambda: (F.planar_flow(2, layers=2), normal((2,)), None),
     "conditional flow": lambda: (randomised(F.dequantization_noise(4, layers=2, hidden=8)),
