@@ -260,3 +260,11 @@ def test_bad_input_is_refused_at_the_door(name):
         call(model.log_prob, outside, context=context)
     with pytest.raises((TypeError, ValueError), match="n should be"):
         model.sample(0)
+
+
+def test_every_module_of_the_library_is_reachable_as_an_attribute():
+    """``dgmlab.<module>`` works for every module of the package (they load on first use)."""
+    names = {m.name for m in pkgutil.iter_modules(dgmlab.__path__) if not m.name.startswith("_")}
+    missing = sorted(name for name in names if name not in dgmlab._SUBMODULES)
+    assert not missing, f"add {missing} to _SUBMODULES (and the module list) in dgmlab/__init__.py"
+    assert all(inspect.ismodule(getattr(dgmlab, name)) for name in names)
