@@ -32,6 +32,10 @@ False`` and exposes the estimate's standard error as ``log_normalizer_stderr``,
 which :func:`~dgmlab.metrics.heldout_nll` adds to its error bar. Every family
 then reports the same way: exact, bound, or estimate with its error.
 
+**No likelihood.** A likelihood-free model (a GAN, Chapter 7) sets
+``has_log_prob = False``: its ``log_prob`` and ``loss`` raise
+``NotImplementedError`` saying so, and it is judged by its samples.
+
 **Training.** :func:`dgmlab.train.fit` asks the model what to minimise:
 :meth:`GenerativeModel.training_losses` yields (optimiser name, loss) pairs for
 one batch, and :meth:`GenerativeModel.optimizer_parameters` says which
@@ -76,6 +80,7 @@ class GenerativeModel(nn.Module):
     """
 
     log_prob_is_bound: bool = False  # True: log_prob is a lower bound on log p(x)
+    has_log_prob: bool = True  # False: likelihood-free (a GAN): log_prob raises, judge its samples
     has_rsample: bool = False  # True: rsample draws differentiable samples
 
     def __init__(self, event_shape=(), *, support: constraints.Constraint = constraints.real,

@@ -41,12 +41,17 @@ __all__ = [
     "MAX_HISTOGRAM_BINS",
     "curse_of_dimensionality",
     "DiagonalGaussian",
+    "discretised_gaussian_kernel",
+    "KernelDensity",
+    "UniformLevels",
+    "NoiseMixture",
 ]
 
 STRUCTURES = ("full", "chain_rule", "independent", "markov")
 MAX_HISTOGRAM_BINS = 2**24
 LOGIT_CLAMP = 30.0  # Bernoulli logits: keeps log-probabilities finite at frequencies 0 and 1
 PROB_FLOOR = 1e-12  # categorical tables: the smallest probability a fitted outcome keeps
+KDE_BLOCK = 1 << 22  # kernel density: entries of one (images × centres) block, 32 MB in float64
 
 
 def parameter_count(structure: str, m: int, k: int = 2) -> int:
@@ -404,3 +409,195 @@ class DiagonalGaussian(GenerativeModel):
         """x = μ + σ ⊙ ε with ε ~ N(0, I): differentiable in μ and σ (the reparameterisation trick)."""
         self.check_sample_args(n, context)
         return self.mean + self.std * torch.randn(n, *self.event_shape, device=self.device, dtype=self.dtype)
+
+
+# --------------------------------------------------------------------------- C28
+def discretised_gaussian_kernel(levels: int, bandwidth: float) -> torch.Tensor:
+    """log k_h(l | c) for whole levels c, l in 0..K−1: a Gaussian kernel normalised over the levels.
+
+    k_h(l | c) = exp(−(l − c)²/(2h²)) / Z_h(c), Z_h(c) = Σ_{l'=0}^{K−1} exp(−(l' − c)²/(2h²)).
+    Row c is a distribution over l (float64, shape (K, K)); near the ends (c = 0,
+    K − 1) Z_h(c) is smaller, since the kernel's mass beyond the edge is cut off.
+    """
+    logits = _kernel_logits(_check_levels(levels), _check_bandwidth(bandwidth))
+    return logits - logits.logsumexp(1, keepdim=True)
+
+
+def _kernel_logits(levels: int, h: float) -> torch.Tensor:
+    """−(l − c)²/(2h²) for c (rows) and l (columns) in 0..K−1, float64: the unnormalised kernel."""
+    l = torch.arange(levels, dtype=torch.float64)
+    return -(l[None, :] - l[:, None]) ** 2 / (2 * h**2)  # [c, l]
+
+
+def _check_levels(levels) -> int:
+    levels = check_positive_int(levels, "levels")
+    if levels < 2:
+        raise ValueError(f"levels should be at least 2 (binary images), got {levels}.")
+    return levels
+
+
+def _check_bandwidth(bandwidth) -> float:
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) \
+            or not math.isfinite(bandwidth) or bandwidth <= 0:
+        raise ValueError(f"bandwidth should be a positive number, the kernel's standard deviation "
+                         f"(in levels for K-level images), got {bandwidth!r}.")
+    return float(bandwidth)
+
+
+class KernelDensity(GenerativeModel):
+    """A kernel density estimate: one kernel on every training image, p(x) = (1/N) Σ_n k_h(x | c_n).
+
+    * Continuous data (``levels=None``): k_h(x | c) = N(x; c, h²I), an isotropic Gaussian.
+    * K-level images (``levels=K``, centres and x whole levels 0..K−1): independent
+      pixels around the centre, k_h(x | c) = Π_d k_h(x_d | c_d), each a Gaussian
+      discretised onto the levels (:func:`discretised_gaussian_kernel`): an exact
+      distribution over the K^D images, so ``log_prob`` is an NLL in nats like the
+      other K-level models'.
+
+    Both read log k_h(x | c_n) = −‖x − c_n‖²/(2h²) − A_n, with the normaliser
+    A_n = (D/2) log(2πh²), or Σ_d log Z_h(c_{n,d}) on levels, so that
+    log p(x) = logsumexp_n [−‖x − c_n‖²/(2h²) − A_n] − log N, computed over blocks
+    of images × centres (memory stays bounded). ``sample(n)`` picks a centre
+    uniformly, then draws from its kernel. No parameters: the estimate *is* the data.
+
+    C28, likelihood is not sample quality: with a narrow kernel (h → 0) every
+    sample is a copy of a training image -- perfect-looking samples, nearest
+    training neighbour at distance 0 -- while a held-out image, never seen,
+    gets almost no probability: log p(x) ≈ −min_n ‖x − c_n‖²/(2h²) − log N, a
+    poor held-out likelihood. The bandwidth that maximises the held-out
+    likelihood is larger, and its samples are noisier.
+    """
+
+    def __init__(self, centres, *, bandwidth: float, levels: int | None = None):
+        self.bandwidth = _check_bandwidth(bandwidth)
+        self.levels = None if levels is None else _check_levels(levels)
+        centres = self._check_centres(centres)
+        support = constraints.real if levels is None else constraints.integer_interval(0, levels - 1)
+        super().__init__(tuple(centres.shape[1:]), support=support)
+        flat = centres.reshape(len(centres), -1)
+        self.register_buffer("centres", flat if levels is None else flat.float())
+        self.register_buffer("log_norm", self._normalisers(flat))
+
+    def _check_centres(self, centres) -> torch.Tensor:
+        if self.levels is None:
+            centres = check_tensor(centres, "centres", kind="numeric", finite=True)
+            if not centres.is_floating_point():
+                raise TypeError(f"centres hold whole numbers ({centres.dtype}): for K-level images "
+                                "pass levels=K (17 for the digits); for continuous data, centres.float().")
+        else:
+            centres = check_tensor(centres, "centres", kind="numeric", min=0, max=self.levels - 1,
+                                   whole=True)
+        if centres.dim() < 2 or len(centres) == 0:
+            raise ValueError(f"centres should be a batch of N ≥ 1 objects, shape (N, ...) such as the "
+                             f"training images (N, 1, 8, 8), got {tuple(centres.shape)}.")
+        return centres
+
+    def _normalisers(self, flat: torch.Tensor) -> torch.Tensor:
+        """A_n: (D/2) log(2πh²) for the Gaussian, Σ_d log Z_h(c_{n,d}) on levels; shape (N,), float64."""
+        h, d = self.bandwidth, flat.shape[1]
+        if self.levels is None:
+            return torch.full((len(flat),), d / 2 * math.log(2 * math.pi * h**2), dtype=torch.float64)
+        log_z = _kernel_logits(self.levels, h).logsumexp(1)  # log Z_h(c) for c = 0..K−1
+        return log_z[flat.long()].sum(1)
+
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        """log p(x) = logsumexp_n [−‖x − c_n‖²/(2h²) − A_n] − log N, in nats; shape (N,)."""
+        x, _ = self.check_input(x, context)
+        x = x.reshape(len(x), -1).double()
+        rows = 1024  # images per block; _log_mixture then takes centres in blocks of KDE_BLOCK / rows
+        parts = [self._log_mixture(x[i:i + rows]) for i in range(0, len(x), rows)]
+        return torch.cat(parts).to(self.dtype) if parts else x.new_zeros(0, dtype=self.dtype)
+
+    def _log_mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """log (1/N) Σ_n k_h(x | c_n) for a block of rows x (B, D), over blocks of centres."""
+        step, h = max(1, KDE_BLOCK // len(x)), self.bandwidth
+        x_sq, parts = x.square().sum(1, keepdim=True), []
+        for j in range(0, len(self.centres), step):
+            c = self.centres[j:j + step].double()
+            dist_sq = (x_sq - 2 * x @ c.T + c.square().sum(1)).clamp_min(0)  # ‖x − c_n‖²
+            parts.append(torch.logsumexp(-dist_sq / (2 * h**2) - self.log_norm[j:j + step], dim=1))
+        return torch.logsumexp(torch.stack(parts, 1), dim=1) - math.log(len(self.centres))
+
+    @torch.no_grad()
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        """Pick a centre c uniformly, then x ~ k_h(· | c): c + hε (Gaussian), or each pixel's level."""
+        self.check_sample_args(n, context)
+        c = self.centres[torch.randint(len(self.centres), (n,), device=self.device)]
+        if self.levels is None:
+            return (c + self.bandwidth * torch.randn_like(c)).reshape(n, *self.event_shape)
+        probs = discretised_gaussian_kernel(self.levels, self.bandwidth).exp().to(self.device)
+        x = torch.multinomial(probs[c.long().reshape(-1)], 1).reshape(n, *self.event_shape)
+        return x.to(self.dtype) if self.levels == 2 else x  # binary data as 0./1., like the others
+
+
+class UniformLevels(_FlatModel):
+    """Noise: every pixel uniform over its K levels, p(x) = K^−D for every image. No parameters."""
+
+    def __init__(self, event_shape, levels: int):
+        super().__init__(event_shape, _check_levels(levels))
+        self.levels = self.k
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries dtype and device
+
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        x = self._flat(x, context)
+        return torch.full((len(x),), -self.event_size * math.log(self.k), dtype=self.dtype,
+                          device=x.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        self.check_sample_args(n, context)
+        return self._shape(torch.randint(self.k, (n, self.event_size), device=self.device))
+
+
+class NoiseMixture(GenerativeModel):
+    """A model diluted with noise: p_mix(x) = w·p(x) + (1 − w)·q(x), exact by logaddexp.
+
+    log p_mix(x) = logaddexp(log w + log p(x), log(1 − w) + log q(x)). ``sample``
+    draws from p with probability w and from q otherwise; :meth:`sample_with_source`
+    also says which (``from_model``).
+
+    C28, likelihood is not sample quality: since (1 − w)·q(x) ≥ 0,
+    log p_mix(x) ≥ log p(x) + log w for every x. With w = 0.01 the NLL grows by at
+    most log 100 ≈ 4.6 nats per image (a rounding error beside ~100 nats of a
+    digit) while 99% of the samples are noise. When q(x) ≪ p(x) on the data (noise
+    spreads its mass over K^D images) the bound is nearly tight. If p's
+    ``log_prob`` is a lower bound (an ELBO), so is p_mix's.
+    """
+
+    def __init__(self, model: GenerativeModel, noise: GenerativeModel, weight: float = 0.01):
+        for m, name in ((model, "model"), (noise, "noise")):
+            if not isinstance(m, GenerativeModel) or not m.has_log_prob:
+                raise TypeError(f"{name} should be a GenerativeModel with a likelihood (log_prob), "
+                                f"got {type(m).__name__}.")
+            if m.context_shape is not None:
+                raise ValueError(f"{name} is conditional; NoiseMixture mixes unconditional models.")
+        if tuple(model.event_shape) != tuple(noise.event_shape):
+            raise ValueError(f"model and noise should model objects of one shape, got "
+                             f"{tuple(model.event_shape)} and {tuple(noise.event_shape)}.")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1:
+            raise ValueError(f"weight should be the model's share w, a number in (0, 1), got {weight!r}.")
+        super().__init__(model.event_shape, support=model.support)
+        self.model, self.noise, self.weight = model, noise, float(weight)
+        self.log_prob_is_bound = bool(model.log_prob_is_bound or noise.log_prob_is_bound)
+
+    def log_prob(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        """log p_mix(x) = logaddexp(log w + log p(x), log(1 − w) + log q(x)); shape (N,)."""
+        x, _ = self.check_input(x, context)
+        log_p, log_q = self.model.log_prob(x), self.noise.log_prob(x)
+        dtype = torch.promote_types(log_p.dtype, log_q.dtype)
+        w = self.weight
+        return torch.logaddexp(math.log(w) + log_p.to(dtype), math.log1p(-w) + log_q.to(dtype))
+
+    @torch.no_grad()
+    def sample_with_source(self, n: int, context=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws and ``from_model`` (n,) bool: True where drawn from p (probability w)."""
+        self.check_sample_args(n, context)
+        k = int((torch.rand(n) < self.weight).sum())  # how many of the n come from p: Binomial(n, w)
+        parts = ([self.model.sample(k)] if k else []) + ([self.noise.sample(n - k)] if k < n else [])
+        x = torch.cat([part.reshape(len(part), *self.event_shape).to(parts[0].dtype) for part in parts])
+        order = torch.randperm(n)  # shuffled, so that p's draws are not all first
+        return x[order.to(x.device)], (order < k).to(x.device)
+
+    def sample(self, n: int, context=None) -> torch.Tensor:
+        """``n`` draws of p_mix: each from p with probability w, else from the noise q."""
+        return self.sample_with_source(n, context)[0]

@@ -27,7 +27,7 @@ import torch
 from .files import atomic_write
 
 __all__ = ["BENCHMARKS", "benchmark", "measure", "Judge", "run", "main", "RESULTS_DIR", "measure_vae",
-           "vae_diagnostics", "discrete_diagnostics", "class_accuracy"]
+           "vae_diagnostics", "discrete_diagnostics", "class_accuracy", "mode_and_copy_diagnostics", "Rounded"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
 BENCHMARKS: dict[str, tuple[Callable[[], list[dict]], str]] = {}
@@ -49,6 +49,16 @@ EXTRA_COLUMNS = (
     ("perplexity", "code perplexity", lambda r: f"{r['perplexity']:.1f}"),
     ("class_accuracy", "class accuracy (floor)",
      lambda r: f"{r['class_accuracy']:.2f} ({r['class_accuracy_floor']:.2f})"),
+    # judged by samples alone (rows with :func:`mode_and_copy_diagnostics`): KID and the two-sample
+    # classifier's accuracy (0.5: it cannot tell samples from data) too, beside their floors
+    ("histogram_entropy", "KID × 1000 (floor)", lambda r: f"{1000 * r['kid']:.1f} ({1000 * r['kid_floor']:.1f})"),
+    ("histogram_entropy", "two-sample classifier accuracy (floor)",
+     lambda r: f"{r['c2st_accuracy']:.2f} ({r['c2st_accuracy_floor']:.2f})"),
+    ("histogram_entropy", "class entropy of 1,000 samples (real; max 2.30)",
+     lambda r: f"{r['histogram_entropy']:.3f} ({r['histogram_entropy_floor']:.3f})"),
+    ("nn_distance_median", "distance to the nearest training image: median, min (held-out real)",
+     lambda r: f"{r['nn_distance_median']:.2f}, {r['nn_distance_min']:.2f} "
+               f"({r['nn_floor_median']:.2f}, {r['nn_floor_min']:.2f})"),
 )
 
 
@@ -99,6 +109,8 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     first :data:`GRID` samples as [0, 1] images, which :func:`run` draws and keeps out
     of the JSON; ``epochs``, the epochs trained, for a model fitted with a history.
 
+    A likelihood-free model (``has_log_prob = False``: a GAN) has ``nll_nats``,
+    ``bits_per_dim`` and ``density_ms`` None, shown as "none" in the table.
     ``nll_kwargs`` go to :func:`~dgmlab.metrics.heldout_nll` (``k=1000``: a VAE's NLL is
     its IWAE bound); ``extra(model, test)`` returns more keys for the row (seeded here),
     e.g. :func:`vae_diagnostics`, which :func:`markdown_table` shows as extra columns.
@@ -112,8 +124,8 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     model, history = fitted if isinstance(fitted, tuple) else (fitted, None)
     epoch_s = history.seconds[-1] / len(history) if history is not None and len(history) else None
     start = time.perf_counter()
-    nll = heldout_nll(model, test, **(nll_kwargs or {}))
-    density_ms = 1000 * (time.perf_counter() - start) / len(test)
+    nll = heldout_nll(model, test, **(nll_kwargs or {})) if getattr(model, "has_log_prob", True) else None
+    density_ms = 1000 * (time.perf_counter() - start) / len(test) if nll is not None else None
     torch.manual_seed(0)
     more = {} if extra is None else extra(model, test)
     if history is not None:
@@ -124,8 +136,8 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     drawn = model.sample(n)
     sample_ms = 1000 * (time.perf_counter() - start) / n
     return {"data": data_name, "model": model_name, "parameters": model.num_parameters(),
-            "train_s": train_s, "epoch_s": epoch_s, "nll_nats": nll.nats, "bits_per_dim": nll.bpd,
-            "nll_is_bound": nll.is_bound, "density_ms": density_ms, "sample_ms": sample_ms, **judge(drawn),
+            "train_s": train_s, "epoch_s": epoch_s, "nll_nats": nll and nll.nats, "bits_per_dim": nll and nll.bpd,
+            "nll_is_bound": bool(nll and nll.is_bound), "density_ms": density_ms, "sample_ms": sample_ms, **judge(drawn),
             **more, "grid": judge.unit(drawn[:GRID]).reshape(-1, *judge.heldout.shape[-3:]).cpu()}
 
 
@@ -139,8 +151,9 @@ def _format(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
         rel = "≤ " if r.get("nll_is_bound") else ""
+        free = r["nll_nats"] is None  # likelihood-free
         out.append([r["data"], r["model"], f"{r['parameters']:,}", f"{r['train_s']:.2f}",
-                    f"{rel}{r['nll_nats']:.2f}", f"{r['bits_per_dim']:.3f}",
+                    "none" if free else f"{rel}{r['nll_nats']:.2f}", "none" if free else f"{r['bits_per_dim']:.3f}",
                     f"{r['fd']:.1f} ({r['fd_floor']:.1f})", f"{r['precision']:.2f} ({r['precision_floor']:.2f})",
                     f"{r['recall']:.2f} ({r['recall_floor']:.2f})", f"{r['sample_ms']:.3f}"]
                    + [cell(r) if key in r else "–" for key, _, cell in extras])
@@ -193,7 +206,8 @@ def sample_figure(rows: list[dict], grids: list[torch.Tensor], *, max_bytes: int
 
     fig = Figure(figsize=(1.9 * len(rows), 2.6), layout="constrained")
     for ax, row, grid in zip(fig.subplots(1, len(rows), squeeze=False)[0], rows, grids):
-        nll = f"{row['data']}: NLL {'≤ ' if row['nll_is_bound'] else ''}{row['nll_nats']:.1f} nats"
+        nll = (f"{row['data']}: no likelihood" if row["nll_nats"] is None else
+               f"{row['data']}: NLL {'≤ ' if row['nll_is_bound'] else ''}{row['nll_nats']:.1f} nats")
         image_grid(grid, nrow=4, ax=ax, vmax=1.0)
         ax.set_title(f"{textwrap.fill(row['model'], 20)}\n{nll}", fontsize=7)
     for dpi in (110, 90, 72, 56):
@@ -428,11 +442,13 @@ def vae_diagnostics(model, test: torch.Tensor, *, draws: int = 10, batch_size: i
 
 
 def measure_vae(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, judge: Judge, *,
-                k: int = VAE_IWAE_K, samples: int | None = None) -> dict:
+                k: int = VAE_IWAE_K, samples: int | None = None,
+                extra: Callable[[torch.nn.Module, torch.Tensor], dict] | None = None) -> dict:
     """:func:`measure` for a VAE: its NLL is the IWAE bound with ``k`` samples, and the row carries
-    ``iwae_k`` and the keys of :func:`vae_diagnostics` (−ELBO, KL, active units)."""
+    ``iwae_k`` and the keys of :func:`vae_diagnostics` (−ELBO, KL, active units), and ``extra``'s."""
     row = measure(data_name, model_name, fit, test, judge, samples=samples, nll_kwargs={"k": k},
-                  extra=lambda model, x: {"iwae_k": k, **vae_diagnostics(model, x)})
+                  extra=lambda model, x: {"iwae_k": k, **vae_diagnostics(model, x),
+                                          **(extra(model, x) if extra else {})})
     print(f"({model_name}: {row.get('epochs')} epochs in {row['train_s']:.0f} s, NLL ≤ {row['nll_nats']:.2f}, "
           f"−ELBO {row['elbo_nats']:.2f}, KL {row['kl_nats']:.2f} nats)", file=sys.stderr, flush=True)
     return row
@@ -703,6 +719,124 @@ def _discrete_mnist() -> list[dict]:
     data = dict(x=images["train"], x_test=images["test"], y_test=labels["test"])
     return [discrete_row("MNIST, binarized", f"VQ-VAE (7×7 codes of {D.MNIST_VQVAE['num_codes']}), Transformer "
                          f"prior, {minutes}", fit, data, mnist_judge(), samples=MNIST_SAMPLES)]
+
+
+# ------------------------------------------------------------------------------ GANs
+HISTOGRAM_SAMPLES = 1000  # samples whose classes measure a model's coverage of the ten digits
+
+
+class Rounded(torch.nn.Module):
+    """A model of images in [0, 1] read on ``levels`` grey levels: its samples rounded to the
+    nearest level, so that a GAN of the 17-level digits is judged on the same values as the data
+    and the other models (``round(x · (levels − 1))``)."""
+
+    has_log_prob = False
+
+    def __init__(self, model, levels: int):
+        super().__init__()
+        self.model, self.levels = model, levels
+
+    def num_parameters(self) -> int:
+        return self.model.num_parameters()
+
+    def sample(self, n: int) -> torch.Tensor:
+        return (self.model.sample(n) * (self.levels - 1)).round().long()
+
+
+def mode_and_copy_diagnostics(model, judge: Judge, train: torch.Tensor) -> dict:
+    """Mode coverage and memorisation, for any model with ``sample(n)`` on the judge's levels:
+    the class histogram of :data:`HISTOGRAM_SAMPLES` samples in the judge's classifier and its
+    entropy (log 10 = 2.30 when all ten digits are equally drawn; floor: the training images'),
+    and the pixel distance of n samples to their nearest training images, min and median, beside
+    the same for n held-out real images (a copy is at 0; n: 1,000 or the held-out set's size)."""
+    from .quality import class_histogram, embed, nearest_neighbours
+
+    extractor = judge.extractor()
+    drawn = judge.unit(model.sample(HISTOGRAM_SAMPLES))
+    counts, entropy = class_histogram(embed(extractor, drawn)[1].argmax(1))
+    train, n = judge.unit(train), min(HISTOGRAM_SAMPLES, len(judge.heldout))  # equal numbers: min and median
+    ours = nearest_neighbours(drawn[:n], train).distance
+    real = nearest_neighbours(judge.unit(judge.heldout[:n]), train).distance
+    return {"histogram_counts": counts, "histogram_entropy": entropy,
+            "histogram_entropy_floor": class_histogram(embed(extractor, train)[1].argmax(1))[1],
+            "nn_distance_min": float(ours.min()), "nn_distance_median": float(ours.median()),
+            "nn_floor_min": float(real.min()), "nn_floor_median": float(real.median())}
+
+
+def gan_row(data_name: str, model_name: str, make: Callable, x: torch.Tensor, judge: Judge, *,
+            budget: float, training: dict, samples: int | None = None) -> dict:
+    """One GAN row: ``make()`` fitted on the images ``x`` in [0, 1] for ``budget`` seconds (no
+    validation set: a GAN has no held-out loss), its samples rounded to the judge's levels."""
+    from .train import fit
+
+    def fitted():
+        torch.manual_seed(0)
+        model = make()
+        history = fit(model, x, epochs=10**6, max_seconds=budget, progress=False, **training)
+        return Rounded(model, judge.levels), history
+
+    levels = (x * (judge.levels - 1)).round().long()
+    row = measure(data_name, model_name, fitted, judge.heldout, judge, samples=samples,
+                  extra=lambda model, _: mode_and_copy_diagnostics(model, judge, levels))
+    print(f"({model_name}: {row['epochs']} epochs in {row['train_s']:.0f} s, FD {row['fd']:.2f} "
+          f"(floor {row['fd_floor']:.2f}), class entropy {row['histogram_entropy']:.3f})", file=sys.stderr, flush=True)
+    return row
+
+
+@benchmark("gan", "DCGANs on the 17-level digits, 60 s of CPU training each, judged by their samples (FD, KID, "
+           "precision, recall beside the real-data floor; the classes of 1,000 samples; the nearest training "
+           "image), beside Chapter 5's VAE and Chapter 3's gated PixelCNN (one network pass per pixel)")
+def _gan() -> list[dict]:
+    from . import autoregressive as A
+    from . import embedded
+    from . import gan as G
+    from . import vae as V
+
+    x, x_val = (embedded.digits(s, "levels").x for s in ("train", "val"))
+    judge, unit = digits_judge("levels"), embedded.digits("train", "unit").x
+
+    def diagnostics(model, _):
+        return mode_and_copy_diagnostics(model, judge, x)
+
+    def dcgan(name, settings):
+        return gan_row("digits, 17 levels", name, lambda: G.dcgan(embedded.DIGITS_SHAPE, **settings), unit, judge,
+                       budget=DIGITS_BUDGET_S, training=G.DIGITS_DCGAN_TRAINING)
+
+    return [
+        measure_vae("digits, 17 levels", "VAE (Chapter 5)", lambda: _fit_timed(
+            V.vae_mlp(embedded.DIGITS_SHAPE, levels=embedded.DIGITS_LEVELS, **V.DIGITS_VAE), x, x_val,
+            epochs=VAE_EPOCHS, budget=DIGITS_BUDGET_S, **V.DIGITS_VAE_TRAINING), judge.heldout, judge,
+            extra=diagnostics),
+        measure("digits, 17 levels", "gated PixelCNN, logistic mixture (Chapter 3)", lambda: _fit_timed(
+            A.GatedPixelCNN(embedded.DIGITS_SHAPE, levels=embedded.DIGITS_LEVELS, **A.DIGITS_PIXELCNN), x, x_val,
+            epochs=30, budget=DIGITS_BUDGET_S, **A.DIGITS_PIXELCNN_TRAINING), judge.heldout, judge, extra=diagnostics),
+        dcgan("DCGAN, no R1", {**G.DIGITS_DCGAN, "r1": 0.0}),
+        dcgan("DCGAN + R1 (this chapter's setting)", G.DIGITS_DCGAN),
+    ]
+
+
+MNIST_GAN_BUDGET_S = 300.0  # the CPU budget of the DCGAN on MNIST (the full-size setting wants a GPU)
+# At 64 channels a batch takes 0.31 s on 2 cores (2.5 epochs in 5 min); at 32, 0.10 s (8 epochs),
+# whose ~3,000 steps want the digits' shorter weight average
+MNIST_GAN_CPU = dict(channels=32, average=0.99)
+
+
+@benchmark("gan-mnist", "a DCGAN (dgmlab.gan.MNIST_DCGAN) on 8-bit MNIST, 5 minutes of CPU training, judged by "
+           "1,000 samples in the course's MNIST classifier's features (not Inception: not comparable with "
+           "published FIDs) (needs the MNIST files)")
+def _gan_mnist() -> list[dict]:
+    from . import datasets
+    from . import gan as G
+
+    judge = mnist_judge(levels=256)
+    images = datasets.load_mnist("train", download=False)[0][:-10_000]  # the last 10,000: the judge's floor
+    minutes = f"{MNIST_GAN_BUDGET_S / 60:g} min"
+    settings = {**G.MNIST_DCGAN, **MNIST_GAN_CPU}
+    name = f"DCGAN + R1 ({settings['channels']} channels), {minutes}"
+    return [gan_row("MNIST, 8-bit", name, lambda: G.dcgan((1, 28, 28), **settings),
+                    images.float() / 255, judge, budget=MNIST_GAN_BUDGET_S,
+                    training={k: v for k, v in G.MNIST_DCGAN_TRAINING.items() if k != "epochs"},
+                    samples=MNIST_SAMPLES)]
 
 
 def main(argv=None) -> int:

@@ -56,7 +56,7 @@ __all__ = [
     "mnist_extractor", "weights_sha256", "embed", "frechet_distance",
     "gaussian_frechet_distance", "KID", "kernel_distance", "precision_recall",
     "density_coverage", "C2ST", "classifier_two_sample_test", "class_histogram",
-    "compare_features", "evaluate_samples",
+    "compare_features", "evaluate_samples", "Neighbours", "nearest_neighbours",
 ]
 
 FORMAT = "dgmlab.quality/1"
@@ -526,3 +526,58 @@ def evaluate_samples(samples, heldout, reference, extractor: FeatureClassifier, 
             "fd_ratio": model["fd"] / floor["fd"] if floor["fd"] > 0 else math.inf,
             "class_counts": counts, "class_entropy": entropy,
             "class_entropy_floor": class_histogram(l_t.argmax(1))[1]}
+
+
+# --------------------------------------------------------------- memorisation check
+class Neighbours(NamedTuple):
+    """Each sample's nearest training image: its Euclidean ``distance`` (n,) and ``index`` (n,)."""
+
+    distance: torch.Tensor
+    index: torch.Tensor
+
+
+def _flat_images(x, name: str) -> torch.Tensor:
+    x = check_tensor(x, name, kind="numeric", finite=True)
+    if x.dim() < 2 or len(x) == 0 or x[0].numel() == 0:
+        raise ValueError(f"{name} should be a batch of images (N, ...) with N ≥ 1, "
+                         f"got shape {tuple(x.shape)}.")
+    return x.reshape(len(x), -1).double()
+
+
+def nearest_neighbours(samples, train, *, batch_size: int = 1000) -> Neighbours:
+    """The memorisation check: for each sample, the nearest training image in pixel space.
+
+    distance_i = min_n ‖s_i − t_n‖₂ and index_i = argmin_n ‖s_i − t_n‖₂, images
+    flattened, in float64. A distance of 0 is an exact copy of a training image;
+    compare the distances with those of held-out real images (the floor), which
+    are new images of the same kind. Images of any shape, (N, 1, 8, 8) or
+    (N, 64) alike, on one scale for both sets (levels with levels, [0, 1] with
+    [0, 1]). Memory stays bounded whatever the sizes: ``batch_size`` samples at a
+    time against blocks of training images (10,000 × 60,000 MNIST images fit).
+    """
+    s, t = _flat_images(samples, "samples"), _flat_images(train, "train")
+    if s.shape[1] != t.shape[1]:
+        raise ValueError(f"samples have {s.shape[1]} values per image {tuple(samples.shape[1:])} "
+                         f"and train {t.shape[1]} {tuple(train.shape[1:])}: compare images of "
+                         "the same size (resize or flatten one set).")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    centre = t.mean(0)  # distances do not change; the sums below lose less to rounding
+    s, t = s - centre, t - centre
+    t_sq = t.square().sum(1)
+    index = torch.empty(len(s), dtype=torch.long)
+    for i in range(0, len(s), batch_size):
+        index[i:i + batch_size] = _nearest_rows(s[i:i + batch_size], t, t_sq)
+    distance = (s - t[index]).square().sum(1).sqrt()  # exact: 0 for a copy
+    return Neighbours(distance, index)
+
+
+def _nearest_rows(s: torch.Tensor, t: torch.Tensor, t_sq: torch.Tensor) -> torch.Tensor:
+    """argmin_n ‖s_i − t_n‖² = argmin_n (‖t_n‖² − 2 s_i·t_n), over blocks of training rows."""
+    best = torch.full((len(s),), math.inf, dtype=torch.float64)
+    index = torch.zeros(len(s), dtype=torch.long)
+    for cols in _blocks(len(t), len(s)):
+        d = t_sq[cols] - 2 * s @ t[cols].T  # ‖s_i‖² is the same for every n: left out
+        value, arg = d.min(1)
+        better = value < best
+        best, index = torch.where(better, value, best), torch.where(better, arg + cols.start, index)
+    return index

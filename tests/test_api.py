@@ -21,6 +21,7 @@ from dgmlab import baselines as B
 from dgmlab import classifiers as C
 from dgmlab import discrete as DS
 from dgmlab import flows as F
+from dgmlab import gan as GAN
 from dgmlab import latent as L
 from dgmlab import vae as V
 from dgmlab.base import GenerativeModel
@@ -65,6 +66,12 @@ EXAMPLES = {
     "markov chain": lambda: (randomised(B.MarkovChain(5, k=3)), levels((5,), 3), None),
     "histogram": lambda: (randomised(B.Histogram(4, k=2)), binary((4,)), None),
     "diagonal gaussian": lambda: (randomised(B.DiagonalGaussian(3)), normal((3,)), None),
+    "kernel density, levels": lambda: (B.KernelDensity(levels((2, 3), 5, seed=7), bandwidth=0.7, levels=5),
+                                       levels((2, 3), 5), None),
+    "kernel density, gaussian": lambda: (B.KernelDensity(normal((3,), seed=7), bandwidth=0.5), normal((3,)), None),
+    "uniform levels": lambda: (B.UniformLevels((2, 3), 5), levels((2, 3), 5), None),
+    "noise mixture": lambda: (B.NoiseMixture(randomised(B.IndependentCategorical((2, 3), 5)),
+                                             B.UniformLevels((2, 3), 5), 0.5), levels((2, 3), 5), None),
     "gaussian classifier": gaussian_classifier,
     "MADE": lambda: (randomised(A.MADE((1, 2, 3), hidden=(8,), levels=3, num_masks=2)), levels((1, 2, 3), 3), None),
     "PixelCNN, class-conditional": lambda: (randomised(A.PixelCNN(
@@ -118,6 +125,13 @@ EXAMPLES = {
         pixelcnn=dict(channels=4, layers=1, kernel=3, first_kernel=3))), levels((1, 3, 3), 4), None),
 }
 
+# Likelihood-free models (has_log_prob = False): name -> () -> (model, x, context)
+LIKELIHOOD_FREE = {
+    "GAN, MLPs": lambda: (randomised(GAN.toy_gan(3, latent_dim=2, hidden=(8,))), normal((3,)), None),
+    "DCGAN": lambda: (GAN.dcgan((1, 4, 4), latent_dim=2, channels=2),
+                      torch.rand(N, 1, 4, 4, generator=torch.Generator().manual_seed(1)), None),
+}
+
 
 def model_classes() -> set[type]:
     """Every public GenerativeModel subclass defined in a dgmlab module."""
@@ -145,8 +159,34 @@ def call(f, *args, context=None, **kwargs):
 
 def test_every_model_class_has_an_example():
     covered = {type(EXAMPLES[name]()[0]) for name in EXAMPLES}
+    covered |= {type(LIKELIHOOD_FREE[name]()[0]) for name in LIKELIHOOD_FREE}
     missing = sorted(c.__qualname__ for c in model_classes() - covered)
     assert not missing, f"add an example for {missing} to EXAMPLES in tests/test_api.py"
+    assert all(EXAMPLES[name]()[0].has_log_prob for name in EXAMPLES), "put it in LIKELIHOOD_FREE"
+
+
+@pytest.mark.parametrize("name", LIKELIHOOD_FREE)
+def test_likelihood_free_models_sample_and_refuse_log_prob(name):
+    torch.manual_seed(0)
+    model, x, _ = LIKELIHOOD_FREE[name]()
+    model.eval()
+    assert not model.has_log_prob
+    for method in (model.log_prob, model.loss):
+        with pytest.raises(NotImplementedError, match="likelihood-free|training_losses"):
+            method(x)
+    with torch.enable_grad():
+        s = model.sample(7)
+    assert s.shape == (7, *model.event_shape) and not s.requires_grad
+    assert bool(model.support.check(s).all())
+    assert model.rsample(3).requires_grad
+    losses = dict(model.training_losses(x, step=0))
+    assert set(losses) == set(model.optimizer_parameters()) and all(v.dim() == 0 for v in losses.values())
+    with pytest.raises(ValueError, match="expects x of shape"):
+        next(model.training_losses(torch.zeros(N, model.event_size + 1)))
+    with pytest.raises((TypeError, ValueError), match="n should be"):
+        model.sample(0)
+    model.to(torch.device("meta"))  # stands in for a GPU: nothing left on the CPU
+    assert model.sample(3).device == torch.device("meta")
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

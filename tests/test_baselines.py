@@ -210,3 +210,173 @@ def test_models_refuse_bad_input():
         B.parameter_count("tree", 4)
     with pytest.raises(ValueError, match="at least 2"):
         B.parameter_count("full", 3, k=1)
+
+
+# --------------------------------------------------------------------------- C28
+def digit_levels(split):
+    return embedded.digits(split).x  # (N, 1, 8, 8), whole levels 0..16
+
+
+def test_c28_noise_mixture_loses_at_most_log_100():
+    """0.01·p + 0.99·noise: every held-out image loses at most log 100 nats, yet 99% of samples are noise."""
+    from scipy.stats import binomtest
+
+    x, xt = digit_levels("train"), digit_levels("test")
+    p = B.IndependentCategorical.from_data(x, 17, alpha=0.5)
+    mix = B.NoiseMixture(p, B.UniformLevels((1, 8, 8), 17), weight=0.01)
+    loss = p.log_prob(xt).double() - mix.log_prob(xt).double()  # NLL increase of each image
+    assert (loss <= math.log(100) + 1e-4).all()  # log p_mix ≥ log p + log w, on every image
+    assert loss.min() > math.log(100) - 1e-3  # nearly tight: 17^−64 is nothing beside p(x)
+    torch.manual_seed(0)
+    n = 20000
+    s, from_model = mix.sample_with_source(n)
+    assert s.shape == (n, 1, 8, 8) and s.dtype == torch.long and from_model.dtype == torch.bool
+    assert binomtest(int(from_model.sum()), n, 0.01).pvalue > 1e-3  # ≈ 200 of 20,000 from p
+    noise = s[~from_model].double()  # uniform levels: mean 8, sd √((17² − 1)/12) ≈ 4.9 per pixel
+    assert abs(noise.mean().item() - 8) < 4 * math.sqrt(24) / math.sqrt(noise.numel())
+    # the model's draws are digit-like; noise is ~170 nats less likely under p than they are
+    assert p.log_prob(s[from_model]).mean() > p.log_prob(s[~from_model]).mean() + 40
+
+
+def test_c28_narrow_kde_copies_and_generalises_badly():
+    """A narrow kernel samples copies of training digits, yet its held-out NLL is the worst."""
+    from dgmlab import quality
+    from dgmlab.metrics import heldout_nll
+
+    x, xt = digit_levels("train"), digit_levels("test")
+    h = 0.05
+    narrow, wide = B.KernelDensity(x, bandwidth=h, levels=17), B.KernelDensity(x, bandwidth=2.0, levels=17)
+    independent = B.IndependentCategorical.from_data(x, 17, alpha=0.5)
+    torch.manual_seed(0)
+    copies = quality.nearest_neighbours(narrow.sample(500), x)
+    assert (copies.distance == 0).all()  # every sample is a training digit: "perfect" samples
+    floor = quality.nearest_neighbours(xt, x).distance  # held-out digits: new images
+    assert floor.min() > 5
+    assert quality.nearest_neighbours(wide.sample(500), x).distance.median() > 0.5 * floor.median()
+    nll = {name: heldout_nll(m, xt).nats for name, m in
+           (("narrow", narrow), ("wide", wide), ("independent", independent))}
+    assert nll["narrow"] > 10 * nll["independent"] and nll["narrow"] > 10 * nll["wide"]
+    assert nll["wide"] > nll["independent"]  # in 64 dimensions even a wide kernel loses to it
+    # h → 0: only the nearest training images count, −log p(x) = d²/(2h²) + log N − log(ties)
+    d = torch.cdist(xt.flatten(1).double(), x.flatten(1).double())
+    ties = (d == d.min(1, keepdim=True).values).sum(1)
+    expected = floor.square() / (2 * h**2) + math.log(len(x)) - ties.double().log()
+    assert torch.allclose(-narrow.log_prob(xt).double(), expected, rtol=1e-6)
+
+
+def tiny_levels(d, k):
+    return all_configurations(d, k)  # every image of d pixels with k levels: k^d rows
+
+
+@pytest.mark.parametrize("h", [0.3, 1.0, 4.0])
+def test_kernel_density_on_levels_is_normalised_and_matches_torch_distributions(h):
+    d, k = 2, 5
+    centres = torch.tensor([[0, 4], [2, 2], [4, 1]])
+    kde = B.KernelDensity(centres, bandwidth=h, levels=k)
+    configs = tiny_levels(d, k)
+    log_p = kde.log_prob(configs).double()
+    assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-6)  # a distribution over k^d images
+    levels = torch.arange(k).double()
+    logits = -(levels - centres[..., None].double()) ** 2 / (2 * h**2)  # (N, D, K), unnormalised
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=torch.zeros(len(centres), dtype=torch.float64)),
+        torch.distributions.Independent(torch.distributions.Categorical(logits=logits), 1))
+    assert torch.allclose(log_p, reference.log_prob(configs), atol=1e-5)
+    table = B.discretised_gaussian_kernel(k, h)
+    assert torch.allclose(table.exp().sum(1), torch.ones(k, dtype=torch.float64))
+    assert torch.allclose(table, torch.log_softmax(-(levels - levels[:, None]) ** 2 / (2 * h**2), 1))
+
+
+def test_kernel_density_on_continuous_data_is_a_gaussian_mixture(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(7, 1, 2, 2, generator=g, dtype=torch.float64)
+    x = 2 * torch.randn(2100, 1, 2, 2, generator=g, dtype=torch.float64)  # > 1024 rows: two blocks
+    h = 0.7
+    kde = B.KernelDensity(centres, bandwidth=h)
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=torch.zeros(7, dtype=torch.float64)),
+        torch.distributions.Independent(torch.distributions.Normal(centres.flatten(1), h), 1))
+    expected = reference.log_prob(x.flatten(1))
+    assert kde.event_shape == (1, 2, 2) and kde.log_prob(x).dtype == torch.float64
+    assert torch.allclose(kde.log_prob(x), expected, atol=1e-9)
+    monkeypatch.setattr(B, "KDE_BLOCK", 3000)  # blocks of 2 centres, the last one short
+    assert torch.allclose(kde.log_prob(x), expected, atol=1e-9)
+    assert torch.allclose(kde.log_prob(x.flatten(1)), expected, atol=1e-9)  # (N, D) as (N, 1, 2, 2)
+
+
+def test_kernel_density_samples_follow_the_kernel():
+    from scipy.stats import chisquare
+
+    torch.manual_seed(0)
+    centres, k, h, n = torch.tensor([[0, 3, 5], [1, 3, 2]]), 6, 0.8, 20000
+    kde = B.KernelDensity(centres, bandwidth=h, levels=k)
+    s = kde.sample(n)
+    assert s.shape == (n, 3) and s.dtype == torch.long
+    kernel = B.discretised_gaussian_kernel(k, h).exp()  # rows: k_h(· | c)
+    for j in range(3):  # each pixel's marginal: (1/N) Σ_n k_h(l | c_{n,j})
+        expected = kernel[centres[:, j]].mean(0) * n
+        assert chisquare(torch.bincount(s[:, j], minlength=k).double(), expected).pvalue > 1e-3
+    means = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    gauss = B.KernelDensity(means, bandwidth=0.5).sample(n).double()
+    # moments of the mixture: mean = centres' mean, covariance = h²I + the centres' covariance
+    mu = means.double().mean(0)
+    cov = 0.25 * torch.eye(2, dtype=torch.float64) + torch.cov(means.double().T, correction=0)
+    assert ((gauss.mean(0) - mu).abs() < 4 * cov.diag().sqrt() / math.sqrt(n)).all()
+    assert torch.allclose(torch.cov(gauss.T), cov, atol=0.06)
+    assert B.KernelDensity(torch.tensor([[0, 1]]), bandwidth=0.5, levels=2).sample(3).dtype == torch.float32
+
+
+def test_noise_mixture_and_uniform_levels_are_distributions():
+    d, k, w = 2, 5, 0.3
+    configs = tiny_levels(d, k)
+    noise = B.UniformLevels(d, k)
+    assert torch.allclose(noise.log_prob(configs), B.IndependentCategorical(d, k).log_prob(configs))
+    assert noise.num_parameters() == 0
+    g = torch.Generator().manual_seed(3)
+    p = B.IndependentCategorical(d, k, torch.randn(d, k - 1, generator=g))
+    mix = B.NoiseMixture(p, noise, weight=w)
+    log_mix = mix.log_prob(configs).double()
+    assert log_mix.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+    direct = w * p.log_prob(configs).double().exp() + (1 - w) * noise.log_prob(configs).double().exp()
+    assert torch.allclose(log_mix, direct.log(), atol=1e-6)
+    kde_mix = B.NoiseMixture(B.KernelDensity(configs[:4], bandwidth=0.5, levels=k), noise, 0.5)
+    assert kde_mix.log_prob(configs).double().exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+    torch.manual_seed(0)
+    for weight, n in ((0.01, 3), (0.99, 3), (0.5, 1)):  # all noise, all model, one draw
+        x, src = B.NoiseMixture(p, noise, weight).sample_with_source(n)
+        assert x.shape == (n, d) and src.shape == (n,) and x.dtype == torch.long
+    assert torch.equal(B.UniformLevels((1, 2, 2), 2).sample(5).unique().sort().values,
+                       torch.tensor([0.0, 1.0]))
+
+
+def test_c28_models_refuse_bad_input():
+    x = digit_levels("train")[:10]
+    with pytest.raises(ValueError, match="bandwidth should be a positive number"):
+        B.KernelDensity(x, bandwidth=0.0, levels=17)
+    with pytest.raises(ValueError, match="bandwidth"):
+        B.KernelDensity(x, bandwidth=float("nan"), levels=17)
+    with pytest.raises(TypeError, match="pass levels=K"):
+        B.KernelDensity(x, bandwidth=1.0)  # whole levels without levels=
+    with pytest.raises(ValueError, match=r"should lie in \[0, 16\]"):
+        B.KernelDensity(x + 1, bandwidth=1.0, levels=17)
+    with pytest.raises(ValueError, match="whole numbers"):
+        B.KernelDensity(x / 16, bandwidth=1.0, levels=17)
+    with pytest.raises(ValueError, match="levels should be at least 2"):
+        B.KernelDensity(x, bandwidth=1.0, levels=1)
+    with pytest.raises(ValueError, match=r"batch of N ≥ 1 objects"):
+        B.KernelDensity(torch.zeros(5), bandwidth=1.0)
+    kde = B.KernelDensity(x, bandwidth=1.0, levels=17)
+    with pytest.raises(ValueError, match=r"\(N, 1, 8, 8\) or \(N, 64\)"):
+        kde.log_prob(torch.zeros(2, 63, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer levels"):
+        kde.log_prob(x.float() / 16)
+    noise = B.UniformLevels((1, 8, 8), 17)
+    with pytest.raises(ValueError, match="one shape"):
+        B.NoiseMixture(kde, B.UniformLevels((1, 4, 4), 17))
+    for w in (0.0, 1.0, -0.5, True):
+        with pytest.raises(ValueError, match=r"number in \(0, 1\)"):
+            B.NoiseMixture(kde, noise, w)
+    with pytest.raises(TypeError, match="with a likelihood"):
+        B.NoiseMixture(kde, lambda x: x)
+    with pytest.raises(ValueError, match="unconditional"):
+        B.NoiseMixture(kde, noise).sample(3, context=1)

@@ -1,6 +1,7 @@
 """The benchmark runner: rows, tables, and files the book includes."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -232,3 +233,62 @@ def test_discrete_benchmark_row_runs_on_tiny_settings(monkeypatch):
     assert row["recon_nats"] < row["nll_nats"]  # the bound adds the prior's −log p(z*) > 0
     lines = bench.markdown_table([row]).splitlines()
     assert "codes used" in lines[0] and "class accuracy (floor)" in lines[0] and "| 1.00 (1.00) |" in lines[2]
+
+
+# ------------------------------------------------------------------------------ GANs
+class _Pool(torch.nn.Module):
+    """Samples the objects of a fixed pool in turn (copies of training digits, or noise)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def sample(self, n):
+        return self.pool[torch.arange(n) % len(self.pool)]
+
+
+def test_mode_and_copy_diagnostics_see_copies_missing_classes_and_noise():
+    train = embedded.digits("train")
+    judge = bench.digits_judge("levels")
+    copies = bench.mode_and_copy_diagnostics(_Pool(train.x[torch.randperm(len(train.x))]), judge, train.x)
+    assert copies["nn_distance_min"] == copies["nn_distance_median"] == 0.0  # every sample is a training image
+    assert 0 < copies["nn_floor_min"] <= copies["nn_floor_median"]  # no test image is one
+    assert sum(copies["histogram_counts"]) == bench.HISTOGRAM_SAMPLES
+    assert copies["histogram_entropy"] > 0.95 * math.log(10) and copies["histogram_entropy_floor"] > 2.25
+    zeros = bench.mode_and_copy_diagnostics(_Pool(train.x[train.y == 0]), judge, train.x)
+    assert zeros["histogram_entropy"] < 0.3 and max(zeros["histogram_counts"]) > 950  # one class only
+    noise = torch.randint(0, 17, (500, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    far = bench.mode_and_copy_diagnostics(_Pool(noise), judge, train.x)
+    assert far["nn_distance_min"] > copies["nn_floor_median"]  # noise is far from every digit
+
+
+def test_gan_row_has_no_likelihood_and_judges_rounded_samples(monkeypatch):
+    from dgmlab import gan as G
+
+    class _GanJudge(_QuickJudge):
+        levels = 17
+
+        def __call__(self, samples):
+            return {**super().__call__(samples), "kid_floor": 1.0, "c2st_accuracy": 0.5, "c2st_accuracy_floor": 0.5}
+
+    judge, seen = _GanJudge(), {}
+
+    def diagnostics(model, judge, train):
+        seen["samples"], seen["train"] = model.sample(50), train
+        return {"histogram_entropy": 2.0, "histogram_entropy_floor": 2.3, "nn_distance_median": 1.0,
+                "nn_distance_min": 0.5, "nn_floor_median": 1.5, "nn_floor_min": 1.0}
+
+    monkeypatch.setattr(bench, "mode_and_copy_diagnostics", diagnostics)
+    unit = embedded.digits("train", "unit").x[:128]
+    row = bench.gan_row("digits, 17 levels", "tiny DCGAN", lambda: G.dcgan(latent_dim=4, channels=4), unit, judge,
+                        budget=2.0, training=dict(batch_size=64))
+    assert row["nll_nats"] is None and row["bits_per_dim"] is None and not row["nll_is_bound"]
+    assert row["epochs"] >= 1 and row["parameters"] == G.dcgan(latent_dim=4, channels=4).num_parameters()
+    drawn = seen["samples"]
+    assert drawn.dtype == torch.long and 0 <= drawn.min() and drawn.max() <= 16  # on the data's 17 levels
+    assert torch.equal(seen["train"], (unit * 16).round().long()) and torch.equal(seen["train"],
+                                                                                  embedded.digits("train").x[:128])
+    table = bench.markdown_table([row])
+    assert "| none | none |" in table and "| 1000.0 (1000.0) | 0.50 (0.50) | 2.000 (2.300) | 1.00, 0.50 (1.50, 1.00) |" in table
+    png = bench.sample_figure([row], [row["grid"]])
+    assert png.startswith(b"\x89PNG")

@@ -432,3 +432,42 @@ def test_an_unwritable_cache_is_reported_and_the_classifier_still_served(fake_mn
     model = Q.mnist_extractor(root, recipe=TINY)
     assert model.num_features == 16 and len(calls) == 1
     assert "Could not cache the MNIST feature classifier" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ memorisation: nearest neighbours
+def test_nearest_neighbours_match_a_kd_tree_and_find_planted_copies(monkeypatch):
+    from scipy.spatial import cKDTree
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (700, 1, 8, 8), generator=g, dtype=torch.uint8)  # 8-bit levels
+    samples = torch.randint(0, 256, (300, 1, 8, 8), generator=g, dtype=torch.uint8)
+    planted = torch.tensor([5, 123, 699])
+    samples[[0, 150, 299]] = train[planted]  # exact copies
+    samples[1] = train[42]
+    samples[1, 0, 3, 3] = int(train[42, 0, 3, 3]) ^ 1  # a near copy: one level off in one pixel
+    distance, index = cKDTree(train.flatten(1).double().numpy()).query(samples.flatten(1).double().numpy())
+    for batch_size, chunk in ((1000, Q._CHUNK), (7, 1000)):  # one block; blocks of 7 × 142
+        monkeypatch.setattr(Q, "_CHUNK", chunk)
+        nn_ = Q.nearest_neighbours(samples, train, batch_size=batch_size)
+        assert nn_.distance.shape == nn_.index.shape == (300,) and nn_.index.dtype == torch.long
+        assert np.allclose(nn_.distance.numpy(), distance, rtol=1e-12, atol=0)
+        assert np.array_equal(nn_.index.numpy(), index)
+        assert torch.equal(nn_.distance[[0, 150, 299]], torch.zeros(3, dtype=torch.float64))
+        assert torch.equal(nn_.index[[0, 150, 299]], planted)
+        assert nn_.distance[1].item() == 1.0 and nn_.index[1].item() == 42
+    flat = Q.nearest_neighbours(samples.flatten(1).float() / 255, train.float() / 255)  # (N, 64) vs images
+    assert torch.equal(flat.index, torch.from_numpy(index))
+
+
+def test_nearest_neighbours_refuse_mismatched_images():
+    train = torch.zeros(10, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"64 values per image.*train 784"):
+        Q.nearest_neighbours(train, torch.zeros(5, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"batch of images \(N, \.\.\.\) with N ≥ 1"):
+        Q.nearest_neighbours(torch.zeros(64), train)
+    with pytest.raises(ValueError, match=r"N ≥ 1"):
+        Q.nearest_neighbours(train, torch.zeros(0, 64))
+    with pytest.raises(ValueError, match="NaN"):
+        Q.nearest_neighbours(torch.full((2, 64), float("nan")), train)
+    with pytest.raises(ValueError, match="batch_size should be positive"):
+        Q.nearest_neighbours(train, train, batch_size=0)
