@@ -18,6 +18,7 @@ Modules, by topic (imported on first use, so ``import dgmlab`` stays fast):
 * :mod:`dgmlab.vae`       -- the VAE: encoders, decoders, priors, IAF posteriors, IWAE, diagnostics
 * :mod:`dgmlab.discrete`  -- discrete latents: vector quantisation, the VQ-VAE, Gumbel-softmax, the dVAE
 * :mod:`dgmlab.gan`       -- GANs: minimax and non-saturating losses, R1, DCGAN, the optimal discriminator
+* :mod:`dgmlab.ebm`       -- energy-based models: RBMs, CD-k and PCD, exact log Z and AIS, Langevin
 * :mod:`dgmlab.quality`   -- sample quality in a digit classifier's features: FD, KID, precision/recall
 * :mod:`dgmlab.bench`     -- the benchmarks whose tables appear in the book
 * :mod:`dgmlab.modes`     -- fast (default) vs full-size runs
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 _SUBMODULES = {
     "base", "embedded", "datasets", "train", "metrics", "viz", "modes", "grading",
     "validate", "baselines", "classifiers", "probability", "bench", "divergences", "interactive",
-    "autoregressive", "flows", "files", "quality", "latent", "vae", "discrete", "gan",
+    "autoregressive", "flows", "files", "quality", "latent", "vae", "discrete", "gan", "ebm",
 }
 
 

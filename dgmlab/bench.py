@@ -27,7 +27,8 @@ import torch
 from .files import atomic_write
 
 __all__ = ["BENCHMARKS", "benchmark", "measure", "Judge", "run", "main", "RESULTS_DIR", "measure_vae",
-           "vae_diagnostics", "discrete_diagnostics", "class_accuracy", "mode_and_copy_diagnostics", "Rounded"]
+           "vae_diagnostics", "discrete_diagnostics", "class_accuracy", "mode_and_copy_diagnostics", "Rounded",
+           "ais_diagnostics"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
 BENCHMARKS: dict[str, tuple[Callable[[], list[dict]], str]] = {}
@@ -54,6 +55,11 @@ EXTRA_COLUMNS = (
     ("histogram_entropy", "KID × 1000 (floor)", lambda r: f"{1000 * r['kid']:.1f} ({1000 * r['kid_floor']:.1f})"),
     ("histogram_entropy", "two-sample classifier accuracy (floor)",
      lambda r: f"{r['c2st_accuracy']:.2f} ({r['c2st_accuracy_floor']:.2f})"),
+    # energy-based models (:func:`ais_diagnostics`): AIS's log Z against the exact one
+    ("ais_error", "AIS log Z − exact (± s.e.; chains × temperatures, seconds)",
+     lambda r: f"{r['ais_error']:+.3f} (± {r['ais_stderr']:.3f}; {r['ais_runs']}, {r['ais_s']:.1f} s)"),
+    ("ais_only_stderr", "NLL's AIS s.e. (chains × temperatures; seconds)",
+     lambda r: f"± {r['ais_only_stderr']:.2f} ({r['ais_runs']}; {r['ais_s']:.0f} s)"),
     ("histogram_entropy", "class entropy of 1,000 samples (real; max 2.30)",
      lambda r: f"{r['histogram_entropy']:.3f} ({r['histogram_entropy_floor']:.3f})"),
     ("nn_distance_median", "distance to the nearest training image: median, min (held-out real)",
@@ -837,6 +843,92 @@ def _gan_mnist() -> list[dict]:
                     images.float() / 255, judge, budget=MNIST_GAN_BUDGET_S,
                     training={k: v for k, v in G.MNIST_DCGAN_TRAINING.items() if k != "epochs"},
                     samples=MNIST_SAMPLES)]
+
+
+# ------------------------------------------------------------------------------ energy-based models
+# (name, model settings, epochs, training settings): each method's cosine schedule sized to fill the
+# 60 s (on 2 cores: CD-1 and PCD-1 take ~0.08 s per epoch, CD-10 ~0.11 s); the exact gradient sums
+# over all 2^16 hidden states once per batch whatever its size, so it takes batches of 100, not 20
+RBM_METHODS = (("CD-1", dict(training="cd", k=1), 600, {}),
+               ("CD-10", dict(training="cd", k=10), 450, {}),
+               ("PCD-1", dict(training="pcd", k=1), 600, {}),
+               ("exact gradient", dict(training="exact"), 100, dict(batch_size=100)))
+
+
+def ais_diagnostics(model, x: torch.Tensor, settings: dict) -> dict:
+    """AIS's estimate of an RBM's log Z (base rates fitted to ``x``; ``settings`` as
+    :data:`dgmlab.ebm.DIGITS_AIS`) beside the exact log Z, and the seconds it took."""
+    from . import ebm as E
+
+    with torch.no_grad():
+        exact = float(model.log_normalizer())
+    start = time.perf_counter()
+    estimate = E.ais(model, data=x, **settings)
+    return {"exact_log_z": exact, "ais_log_z": estimate.log_z, "ais_stderr": estimate.stderr,
+            "ais_error": estimate.log_z - exact, "ais_s": time.perf_counter() - start,
+            "ais_runs": f"{settings['chains']} × {settings['temperatures']}"}
+
+
+@benchmark("rbm", "RBMs on the binary digits small enough for an exact log Z, trained for at most 60 s of "
+           "CPU each by CD-1, CD-10, PCD and the exact gradient: exact test NLL, Gibbs sampling time "
+           "(ms/image), and AIS's log Z against the exact one")
+def _rbm() -> list[dict]:
+    from . import baselines as B
+    from . import ebm as E
+    from . import embedded
+
+    x, x_val, x_test = (embedded.digits(s, "binary").x for s in ("train", "val", "test"))
+    judge = digits_judge("binary")
+
+    def rbm(settings, epochs, training):
+        model = E.RBM(embedded.DIGITS_SHAPE, **{**E.DIGITS_RBM, **settings}).init_from_data(x)
+        return _fit_timed(model, x, x_val, epochs=epochs, budget=DIGITS_BUDGET_S,
+                          **{**E.DIGITS_RBM_TRAINING, **training})
+
+    rows = [measure("digits, binary", "independent pixels", lambda: B.IndependentBernoulli.from_data(
+        x.reshape(len(x), -1), alpha=1.0), x_test.reshape(len(x_test), -1), judge)]
+    for name, settings, epochs, training in RBM_METHODS:
+        row = measure("digits, binary", f"RBM ({E.DIGITS_RBM['hidden']} hidden), {name}",
+                      lambda args=(settings, epochs, training): rbm(*args), x_test, judge,
+                      extra=lambda model, _: ais_diagnostics(model, x, E.DIGITS_AIS))
+        print(f"({row['model']}: {row['epochs']} epochs in {row['train_s']:.0f} s, NLL {row['nll_nats']:.2f}, "
+              f"AIS error {row['ais_error']:+.3f})", file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+MNIST_RBM_BUDGET_S = 300.0  # the CPU budget of the 500-hidden-unit RBM on binarized MNIST
+MNIST_RBM_CPU_EPOCHS = 60  # PCD-1 takes ~4 s per epoch on 2 cores: the cosine schedule fits the budget
+
+
+@benchmark("rbm-mnist", "an RBM with 500 hidden units on binarized MNIST, 5 minutes of CPU training (PCD); "
+           "test NLL with log Z estimated by AIS (dgmlab.ebm.MNIST_AIS) on the 10,000 test images, with the "
+           "AIS standard error (needs the MNIST files)")
+def _rbm_mnist() -> list[dict]:
+    from . import datasets
+    from . import ebm as E
+
+    images = {s: datasets.binarized_mnist(s, download=False) for s in ("train", "val", "test")}
+    spent = {}
+
+    def fit():
+        torch.manual_seed(0)
+        model = E.RBM((1, 28, 28), **E.MNIST_RBM).init_from_data(images["train"])
+        training = {**E.MNIST_RBM_TRAINING, "epochs": MNIST_RBM_CPU_EPOCHS}
+        history = _fit_timed(model, images["train"], None, budget=MNIST_RBM_BUDGET_S, **training)[1]
+        start = time.perf_counter()
+        model.set_log_normalizer(E.ais(model, data=images["train"], **E.MNIST_AIS))
+        spent["ais_s"] = time.perf_counter() - start
+        spent["train_s"] = history.seconds[-1]  # the row's training time without AIS's
+        return model, history
+
+    def extra(model, _):
+        return {"ais_only_stderr": model.log_normalizer_stderr, "ais_log_z": model.log_normalizer_estimate,
+                "ais_runs": f"{E.MNIST_AIS['chains']} × {E.MNIST_AIS['temperatures']}", **spent}
+
+    name = (f"RBM (500 hidden, {E.MNIST_RBM['training'].upper()}-{E.MNIST_RBM['k']}), at most "
+            f"{MNIST_RBM_CPU_EPOCHS} epochs or {MNIST_RBM_BUDGET_S / 60:g} min")
+    return [measure("MNIST, binarized", name, fit, images["test"], mnist_judge(), samples=MNIST_SAMPLES, extra=extra)]
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ from dgmlab import autoregressive as A
 from dgmlab import baselines as B
 from dgmlab import classifiers as C
 from dgmlab import discrete as DS
+from dgmlab import ebm as E
 from dgmlab import flows as F
 from dgmlab import gan as GAN
 from dgmlab import latent as L
@@ -100,6 +101,8 @@ EXAMPLES = {
     "uniform prior over codes": lambda: (DS.UniformCodes((1, 2, 2), 5), levels((1, 2, 2), 5), None),
     "dVAE": lambda: (randomised(DS.DVAE((1, 4, 4), levels=3, num_codes=4, code_dim=2, hidden=4)),
                      levels((1, 4, 4), 3), None),
+    "RBM, binary images": lambda: (randomised(E.RBM((1, 2, 3), 4, sample_steps=5)), binary((1, 2, 3)), None),
+    "Gaussian RBM": lambda: (randomised(E.GaussianRBM(3, 4, sample_steps=5)), normal((3,)), None),
     "RealNVP flow": lambda: (randomised(F.realnvp_2d(2, hidden=8)), normal((2,)), None),
     "planar flow": lambda: (F.planar_flow(2, layers=2), normal((2,)), None),
     "conditional flow": lambda: (randomised(F.dequantization_noise(4, layers=2, hidden=8)),

@@ -292,3 +292,36 @@ def test_gan_row_has_no_likelihood_and_judges_rounded_samples(monkeypatch):
     assert "| none | none |" in table and "| 1000.0 (1000.0) | 0.50 (0.50) | 2.000 (2.300) | 1.00, 0.50 (1.50, 1.00) |" in table
     png = bench.sample_figure([row], [row["grid"]])
     assert png.startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------------ energy-based models
+def test_ais_diagnostics_put_the_estimate_beside_the_exact_log_z():
+    from dgmlab import ebm as E
+
+    x = embedded.digits("train", "binary").x
+    torch.manual_seed(0)
+    model = E.RBM(embedded.DIGITS_SHAPE, hidden=6, init_std=0.5).init_from_data(x)
+    row = bench.ais_diagnostics(model, x, dict(chains=50, temperatures=300))
+    assert row["exact_log_z"] == pytest.approx(float(model.log_normalizer().detach()))
+    assert row["ais_error"] == pytest.approx(row["ais_log_z"] - row["exact_log_z"])
+    assert abs(row["ais_error"]) < 5 * row["ais_stderr"] + 0.05 and row["ais_s"] > 0
+    assert row["ais_runs"] == "50 × 300"
+    table = bench.markdown_table([{**{k: 1.0 for k in ROW_KEYS | {"fd_floor", "precision_floor", "recall_floor",
+                                                                  "bits_per_dim", "parameters"}},
+                                   "data": "d", "model": "m", "nll_is_bound": False, **row}])
+    assert "AIS log Z − exact" in table.splitlines()[0] and f"{row['ais_error']:+.3f} (± " in table and "50 × 300, " in table
+
+
+def test_rbm_benchmark_rows_run_on_tiny_settings(monkeypatch):
+    from dgmlab import ebm as E
+
+    monkeypatch.setattr(bench, "digits_judge", lambda variant: _QuickJudge())
+    monkeypatch.setattr(bench, "DIGITS_BUDGET_S", 2.0)
+    monkeypatch.setattr(bench, "RBM_METHODS", (("CD-1", dict(training="cd", k=1), 2, {}),))
+    monkeypatch.setattr(E, "DIGITS_RBM", dict(hidden=4, sample_steps=5))
+    monkeypatch.setattr(E, "DIGITS_AIS", dict(chains=10, temperatures=20))
+    rows = bench.BENCHMARKS["rbm"][0]()
+    assert [r["model"] for r in rows] == ["independent pixels", "RBM (4 hidden), CD-1"]
+    rbm = rows[1]
+    assert rbm["epochs"] == 2 and not rbm["nll_is_bound"] and rbm["parameters"] == 64 * 4 + 64 + 4
+    assert rbm["nll_nats"] < rows[0]["nll_nats"] + 5 and "ais_error" in rbm and "ais_error" not in rows[0]
