@@ -516,6 +516,21 @@ def questions(nb: NotebookNode, name: str = "notebook") -> list[Question]:
     return [p.question for p in _plan(nb, name) if p.kind == "test"]
 
 
+def _kept_setup_statements(tree: ast.Module, needed: set[str], definitions: bool) -> dict[int, ast.stmt]:
+    """The statements of the setup cell that bind a needed name, by index; ``needed`` grows by
+    the names they load in turn (a kept definition may need further names of the setup cell)."""
+    kept: dict[int, ast.stmt] = {}
+    grown = True
+    while grown:
+        grown = False
+        for i, node in enumerate(tree.body):
+            if i not in kept and _rebinds(node, definitions) & needed:
+                kept[i] = node
+                needed |= _loaded_names(node)
+                grown = True
+    return kept
+
+
 def guard_code(nb: NotebookNode, name: str = "notebook") -> str:
     """Code the grader re-runs silently before each check cell, so checks use the real helpers.
 
@@ -538,15 +553,7 @@ def guard_code(nb: NotebookNode, name: str = "notebook") -> str:
     text = _python(first[0].source) if first else None
     tree = ast.parse(text) if text is not None else ast.Module(body=[], type_ignores=[])
     definitions = first is not None and first[1].kind == "plain"  # not solution code
-    kept: dict[int, ast.stmt] = {}
-    grown = True
-    while grown:  # a kept definition may need further names of the setup cell
-        grown = False
-        for i, node in enumerate(tree.body):
-            if i not in kept and _rebinds(node, definitions) & needed:
-                kept[i] = node
-                needed |= _loaded_names(node)
-                grown = True
+    kept = _kept_setup_statements(tree, needed, definitions)  # grows ``needed`` too
     lines = text.splitlines() if text is not None else []
     slots, extra = [""] * len(lines), []
     bound: set[str] = set()
