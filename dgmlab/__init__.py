@@ -19,6 +19,7 @@ Modules, by topic (imported on first use, so ``import dgmlab`` stays fast):
 * :mod:`dgmlab.discrete`  -- discrete latents: vector quantisation, the VQ-VAE, Gumbel-softmax, the dVAE
 * :mod:`dgmlab.gan`       -- GANs: minimax and non-saturating losses, R1, DCGAN, the optimal discriminator
 * :mod:`dgmlab.ebm`       -- energy-based models: RBMs, CD-k and PCD, exact log Z and AIS, Langevin
+* :mod:`dgmlab.diffusion` -- diffusion: noise schedules, ε/x₀/score, denoisers, the DDPM bound, DDPM/DDIM sampling
 * :mod:`dgmlab.quality`   -- sample quality in a digit classifier's features: FD, KID, precision/recall
 * :mod:`dgmlab.bench`     -- the benchmarks whose tables appear in the book
 * :mod:`dgmlab.modes`     -- fast (default) vs full-size runs
@@ -35,6 +36,7 @@ _SUBMODULES = {
     "base", "embedded", "datasets", "train", "metrics", "viz", "modes", "grading",
     "validate", "baselines", "classifiers", "probability", "bench", "divergences", "interactive",
     "autoregressive", "flows", "files", "quality", "latent", "vae", "discrete", "gan", "ebm",
+    "diffusion",
 }
 
 

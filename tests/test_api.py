@@ -19,6 +19,7 @@ import dgmlab
 from dgmlab import autoregressive as A
 from dgmlab import baselines as B
 from dgmlab import classifiers as C
+from dgmlab import diffusion as DF
 from dgmlab import discrete as DS
 from dgmlab import ebm as E
 from dgmlab import flows as F
@@ -123,6 +124,20 @@ EXAMPLES = {
         prior="vamp", pseudo_inputs=3)), levels((1, 2, 3), 5), None),
     "VAE, gaussian decoder, mixture prior": lambda: (randomised(V.vae_mlp(
         3, 2, decoder="gaussian", hidden=(8,), prior="mixture", components=3)), normal((3,)), None),
+    "DDPM, MLP, 2-D": lambda: (randomised(DF.ddpm_mlp(2, timesteps=6, hidden=8, layers=1, embed_dim=4)),
+                               normal((2,)), None),
+    "DDPM, U-Net, levels, ELBO objective": lambda: (randomised(DF.ddpm_unet(
+        (1, 4, 4), 5, timesteps=4, objective="elbo", variance="small",
+        unet=dict(base=4, mults=(1, 2), blocks=1, embed_dim=4))), levels((1, 4, 4), 5), None),
+    "DDPM, MLP, class-conditional, averaged": lambda: (randomised(DF.DDPM(
+        DF.MLPDenoiser(2, 8, 1, 4, num_classes=3), (2,), DF.linear_schedule(5), average=0.9)),
+        normal((2,)), labels(3)),
+    "flow matching, MLP, 2-D": lambda: (randomised(DF.flow_matching_mlp(2, hidden=8, layers=1, embed_dim=4)),
+                                        normal((2,)), None),
+    "flow matching, levels, class-conditional": lambda: (randomised(DF.FlowMatching(
+        DF.MLPDenoiser(3, 8, 1, 4, time_scale=1000.0, num_classes=2), (3,), levels=5)), levels((3,), 5), labels(2)),
+    "flow matching, dequantized, MLP": lambda: (randomised(DF.DequantizedFlowMatching(
+        DF.MLPDenoiser(4, 8, 1, 4, time_scale=1000.0), (4,), levels=3)), levels((4,), 3), None),
     "VAE, PixelCNN decoder, flow prior": lambda: (randomised(V.vae_mlp(
         (1, 3, 3), 2, decoder="pixelcnn", levels=4, hidden=(8,), prior="flow", flow_layers=1, flow_hidden=(4,),
         pixelcnn=dict(channels=4, layers=1, kernel=3, first_kernel=3))), levels((1, 3, 3), 4), None),

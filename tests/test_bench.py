@@ -77,6 +77,9 @@ def test_sample_figure_has_a_titled_panel_per_row_and_stays_small():
     assert len(png) <= 100_000 and image.shape[1] > 2 * image.shape[0]  # three panels side by side
     smaller = bench.sample_figure(rows, grids, max_bytes=len(png) - 1)
     assert len(smaller) < len(png)  # a tighter limit lowers the resolution
+    many = bench.sample_figure(rows * 3, grids * 3, max_bytes=400_000)  # nine panels: two lines of them
+    wrapped = matplotlib.image.imread(io.BytesIO(many))
+    assert wrapped.shape[1] < 1.2 * bench.PANELS_PER_LINE / 3 * image.shape[1] and wrapped.shape[0] > 1.5 * image.shape[0]
 
 
 def test_every_table_in_the_book_has_its_benchmark():
@@ -325,3 +328,49 @@ def test_rbm_benchmark_rows_run_on_tiny_settings(monkeypatch):
     rbm = rows[1]
     assert rbm["epochs"] == 2 and not rbm["nll_is_bound"] and rbm["parameters"] == 64 * 4 + 64 + 4
     assert rbm["nll_nats"] < rows[0]["nll_nats"] + 5 and "ais_error" in rbm and "ais_error" not in rows[0]
+
+
+# ------------------------------------------------------------------------------ diffusion, flow matching
+def test_sampler_tables_say_how_many_network_evaluations_each_sampler_takes():
+    from dgmlab import diffusion as D
+
+    ddpm = D.DDPM(D.UNet(1, base=8, mults=(1, 2), embed_dim=8), (1, 8, 8), D.cosine_schedule(1000), levels=17)
+    fm = D.flow_matching_unet(unet=dict(base=8, mults=(1, 2), embed_dim=8))
+    counted = []
+    ddpm.denoiser.register_forward_hook(lambda *a: counted.append(1))
+    for label, kwargs, nfe in bench.DDPM_SAMPLERS:
+        if kwargs:  # the ancestral sampler: one evaluation per step, T steps
+            counted.clear()
+            ddpm.sample(1, **kwargs)
+            assert len(counted) == nfe, label
+    for label, kwargs, nfe in bench.FM_SAMPLERS:
+        assert fm.sample(1, return_nfe=True, **kwargs)[1] == nfe, label
+
+
+def test_diffusion_benchmark_rows_run_on_tiny_settings(monkeypatch):
+    from dgmlab import diffusion as D
+
+    monkeypatch.setattr(bench, "digits_judge", lambda variant: _QuickJudge())
+    monkeypatch.setattr(bench, "mode_and_copy_diagnostics", lambda model, judge, x: {"nn_distance_min": 1.0})
+    monkeypatch.setattr(bench, "class_accuracy", lambda model, judge, x, y, per_class: {
+        "class_accuracy": float(model.sample(10, torch.arange(10)).shape == (10, 1, 8, 8)),
+        "class_accuracy_floor": 1.0})
+    monkeypatch.setattr(bench, "DIFFUSION_BUDGET_S", 1.0)
+    monkeypatch.setattr(bench, "GUIDANCE_BUDGET_S", 1.0)
+    monkeypatch.setattr(bench, "DDPM_SAMPLERS", (("DDIM, 2 steps", dict(method="ddim", steps=2), 2),))
+    monkeypatch.setattr(bench, "FM_SAMPLERS", bench.FM_SAMPLERS[-1:])
+    monkeypatch.setattr(bench, "DDPM_DIAGNOSED", "DDIM, 2 steps")
+    monkeypatch.setattr(bench, "GUIDANCE_WEIGHTS", (0.0, 3.0))
+    monkeypatch.setattr(bench, "FM_NLL", dict(divergence="hutchinson", method="euler", steps=2))
+    monkeypatch.setattr(D, "DIGITS_UNET", dict(base=8, mults=(1, 2), embed_dim=8))
+    monkeypatch.setattr(D, "DIGITS_DDPM", dict(D.DIGITS_DDPM, timesteps=10))
+    rows = bench.BENCHMARKS["diffusion"][0]()
+    assert [r["model"] for r in rows] == ["DDPM: DDIM, 2 steps", "flow matching: Euler, 1 step",
+                                          "class-conditional flow matching: guidance w = 0",
+                                          "class-conditional flow matching: guidance w = 3"]
+    assert all(r["nll_is_bound"] and r["grid"].shape[1:] == (1, 8, 8) for r in rows)
+    assert [r["nfe"] for r in rows] == [2, 1, 10, 20] and rows[-1]["class_accuracy"] == 1.0
+    assert rows[0]["likelihood"] == "bound, T = 10" and "nn_distance_min" in rows[0] and "nn_distance_min" in rows[1]
+    assert "nn_distance_min" not in rows[2]
+    header = bench.markdown_table([dict(r) for r in rows]).splitlines()[0]
+    assert "network evaluations per sample" in header and "FD ÷ floor" in header and "class accuracy" in header
