@@ -21,7 +21,7 @@ Modules, by topic (imported on first use, so ``import dgmlab`` stays fast):
 * :mod:`dgmlab.ebm`       -- energy-based models: RBMs, CD-k and PCD, exact log Z and AIS, Langevin
 * :mod:`dgmlab.diffusion` -- diffusion: noise schedules, ε/x₀/score, denoisers, the DDPM bound, DDPM/DDIM sampling
 * :mod:`dgmlab.quality`   -- sample quality in a digit classifier's features: FD, KID, precision/recall
-* :mod:`dgmlab.bench`     -- the benchmarks whose tables appear in the book
+* :mod:`dgmlab.bench`     -- the benchmarks whose tables appear in the book, one module per family, and the zoo
 * :mod:`dgmlab.modes`     -- fast (default) vs full-size runs
 * :mod:`dgmlab.grading`   -- graded exercises: checks, generator, grader
 """

@@ -173,6 +173,10 @@ class _RBMBase(GenerativeModel):
             v = self._flat(v.to(self.W))
         return self.gibbs(v, steps).reshape(n, *self.event_shape)
 
+    def sampling_passes(self) -> int:
+        """Network passes per sample: one per Gibbs round of :meth:`sample` (h given v, v given h)."""
+        return self.sample_steps
+
     # -- the partition function -----------------------------------------------------------------
     def can_enumerate(self) -> bool:
         """Whether :meth:`log_normalizer` can sum over one layer exactly (≤ ENUMERATION_LIMIT units)."""

@@ -28,7 +28,11 @@ def test_baselines_benchmark_rows_match_a_direct_evaluation(tmp_path, monkeypatc
     table = (tmp_path / "baselines.md").read_text()
     assert "| digits, binary | independent pixels | 64 |" in table and "do not edit" in table
     saved = json.loads((tmp_path / "baselines.json").read_text())
-    assert saved["rows"] == rows and "grid" not in rows[0]  # the samples are drawn, not saved
+    assert saved["rows"] == rows and "grid" not in rows[0]  # the sample grid is saved as 8-bit pixels
+    assert bench.decode_grid(rows[0]["samples"]).shape == (16, 1, 8, 8)
+    assert saved["sources"] == bench.sources_digest("baselines") and saved["command"] == "python -m dgmlab.bench baselines"
+    assert all(r["nfe"] == 0 for r in rows)  # a table of counts calls no network
+    assert "`python -m dgmlab.bench baselines` (sources " in table
     png = (tmp_path / "baselines.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) <= 100_000
 
@@ -53,10 +57,14 @@ def test_markdown_marks_bounds_and_shows_each_score_beside_its_floor():
 def test_book_results_are_the_benchmark_format(name):
     """Every table the book includes was written by the current benchmark code: same columns,
     and every row with the keys the model zoo collects."""
-    table = (bench.RESULTS_DIR / f"{name}.md").read_text()
-    assert table.splitlines()[1].startswith("| " + " | ".join(bench.HEADERS))
+    page = (bench.RESULTS_DIR / f"{name}.md").read_text()
     saved = json.loads((bench.RESULTS_DIR / f"{name}.json").read_text())
     assert saved["benchmark"] == name and saved["rows"]
+    # the page shows the table of the saved rows (not edited by hand), and the command that wrote them
+    assert bench.TABLES.get(name, bench.markdown_table)(saved["rows"]) in page
+    assert f"by `python -m dgmlab.bench {name}`" in page
+    if name not in bench.TABLES:
+        assert page.splitlines()[1].startswith("| " + " | ".join(bench.HEADERS))
     assert all(ROW_KEYS <= set(r) for r in saved["rows"])
     png = bench.RESULTS_DIR / f"{name}.png"  # its sample grids, shown beside the table
     assert png.is_file() and png.stat().st_size <= 100_000
@@ -143,7 +151,7 @@ def test_vae_rows_report_the_iwae_bound_and_the_diagnostics():
 
 
 def test_vae_benchmark_row_runs_on_tiny_settings(monkeypatch):
-    monkeypatch.setattr(bench, "digits_judge", lambda variant: _QuickJudge())
+    monkeypatch.setattr(bench.vae, "digits_judge", lambda variant: _QuickJudge())
     row = bench.digits_vae_row("tiny VAE", dict(latent_dim=2, hidden=(16,), prior="vamp", pseudo_inputs=5),
                                dict(batch_size=64), epochs=1, budget=10.0, k=3, train_size=128)
     assert row["data"] == "digits, 17 levels" and row["model"] == "tiny VAE" and row["epochs"] == 1
@@ -224,9 +232,9 @@ def test_class_accuracy_rewards_samples_of_the_asked_class_only():
 
 
 def test_discrete_benchmark_row_runs_on_tiny_settings(monkeypatch):
-    monkeypatch.setattr(bench, "digits_judge", lambda variant: _QuickJudge())
-    monkeypatch.setattr(bench, "DIGITS_BUDGET_S", 3.0)
-    monkeypatch.setattr(bench, "class_accuracy", lambda model, judge, x, y: {
+    monkeypatch.setattr(bench.discrete, "digits_judge", lambda variant: _QuickJudge())
+    monkeypatch.setattr(bench.discrete, "DIGITS_BUDGET_S", 3.0)
+    monkeypatch.setattr(bench.discrete, "class_accuracy", lambda model, judge, x, y: {
         "class_accuracy": float(model.sample(10, torch.arange(10)).shape == (10, 1, 8, 8)),
         "class_accuracy_floor": 1.0})
     row = bench.digits_discrete_row("tiny VQ-VAE", lambda: _tiny_vqvae(ema=True, restart=2), 1,
@@ -281,7 +289,7 @@ def test_gan_row_has_no_likelihood_and_judges_rounded_samples(monkeypatch):
         return {"histogram_entropy": 2.0, "histogram_entropy_floor": 2.3, "nn_distance_median": 1.0,
                 "nn_distance_min": 0.5, "nn_floor_median": 1.5, "nn_floor_min": 1.0}
 
-    monkeypatch.setattr(bench, "mode_and_copy_diagnostics", diagnostics)
+    monkeypatch.setattr(bench.gan, "mode_and_copy_diagnostics", diagnostics)
     unit = embedded.digits("train", "unit").x[:128]
     row = bench.gan_row("digits, 17 levels", "tiny DCGAN", lambda: G.dcgan(latent_dim=4, channels=4), unit, judge,
                         budget=2.0, training=dict(batch_size=64))
@@ -292,7 +300,7 @@ def test_gan_row_has_no_likelihood_and_judges_rounded_samples(monkeypatch):
     assert torch.equal(seen["train"], (unit * 16).round().long()) and torch.equal(seen["train"],
                                                                                   embedded.digits("train").x[:128])
     table = bench.markdown_table([row])
-    assert "| none | none |" in table and "| 1000.0 (1000.0) | 0.50 (0.50) | 2.000 (2.300) | 1.00, 0.50 (1.50, 1.00) |" in table
+    assert "| none | none |" in table and "| 1000.0 (1000.0) | 0.50 (0.50) | 2.000 (2.300) | 1 | 1.00 | 1.00, 0.50 (1.50, 1.00) |" in table
     png = bench.sample_figure([row], [row["grid"]])
     assert png.startswith(b"\x89PNG")
 
@@ -318,9 +326,9 @@ def test_ais_diagnostics_put_the_estimate_beside_the_exact_log_z():
 def test_rbm_benchmark_rows_run_on_tiny_settings(monkeypatch):
     from dgmlab import ebm as E
 
-    monkeypatch.setattr(bench, "digits_judge", lambda variant: _QuickJudge())
-    monkeypatch.setattr(bench, "DIGITS_BUDGET_S", 2.0)
-    monkeypatch.setattr(bench, "RBM_METHODS", (("CD-1", dict(training="cd", k=1), 2, {}),))
+    monkeypatch.setattr(bench.ebm, "digits_judge", lambda variant: _QuickJudge())
+    monkeypatch.setattr(bench.ebm, "DIGITS_BUDGET_S", 2.0)
+    monkeypatch.setattr(bench.ebm, "RBM_METHODS", (("CD-1", dict(training="cd", k=1), 2, {}),))
     monkeypatch.setattr(E, "DIGITS_RBM", dict(hidden=4, sample_steps=5))
     monkeypatch.setattr(E, "DIGITS_AIS", dict(chains=10, temperatures=20))
     rows = bench.BENCHMARKS["rbm"][0]()
@@ -350,18 +358,18 @@ def test_sampler_tables_say_how_many_network_evaluations_each_sampler_takes():
 def test_diffusion_benchmark_rows_run_on_tiny_settings(monkeypatch):
     from dgmlab import diffusion as D
 
-    monkeypatch.setattr(bench, "digits_judge", lambda variant: _QuickJudge())
-    monkeypatch.setattr(bench, "mode_and_copy_diagnostics", lambda model, judge, x: {"nn_distance_min": 1.0})
-    monkeypatch.setattr(bench, "class_accuracy", lambda model, judge, x, y, per_class: {
+    monkeypatch.setattr(bench.diffusion, "digits_judge", lambda variant: _QuickJudge())
+    monkeypatch.setattr(bench.diffusion, "mode_and_copy_diagnostics", lambda model, judge, x: {"nn_distance_min": 1.0})
+    monkeypatch.setattr(bench.diffusion, "class_accuracy", lambda model, judge, x, y, per_class: {
         "class_accuracy": float(model.sample(10, torch.arange(10)).shape == (10, 1, 8, 8)),
         "class_accuracy_floor": 1.0})
-    monkeypatch.setattr(bench, "DIFFUSION_BUDGET_S", 1.0)
-    monkeypatch.setattr(bench, "GUIDANCE_BUDGET_S", 1.0)
-    monkeypatch.setattr(bench, "DDPM_SAMPLERS", (("DDIM, 2 steps", dict(method="ddim", steps=2), 2),))
-    monkeypatch.setattr(bench, "FM_SAMPLERS", bench.FM_SAMPLERS[-1:])
-    monkeypatch.setattr(bench, "DDPM_DIAGNOSED", "DDIM, 2 steps")
-    monkeypatch.setattr(bench, "GUIDANCE_WEIGHTS", (0.0, 3.0))
-    monkeypatch.setattr(bench, "FM_NLL", dict(divergence="hutchinson", method="euler", steps=2))
+    monkeypatch.setattr(bench.diffusion, "DIFFUSION_BUDGET_S", 1.0)
+    monkeypatch.setattr(bench.diffusion, "GUIDANCE_BUDGET_S", 1.0)
+    monkeypatch.setattr(bench.diffusion, "DDPM_SAMPLERS", (("DDIM, 2 steps", dict(method="ddim", steps=2), 2),))
+    monkeypatch.setattr(bench.diffusion, "FM_SAMPLERS", bench.diffusion.FM_SAMPLERS[-1:])
+    monkeypatch.setattr(bench.diffusion, "DDPM_DIAGNOSED", "DDIM, 2 steps")
+    monkeypatch.setattr(bench.diffusion, "GUIDANCE_WEIGHTS", (0.0, 3.0))
+    monkeypatch.setattr(bench.diffusion, "FM_NLL", dict(divergence="hutchinson", method="euler", steps=2))
     monkeypatch.setattr(D, "DIGITS_UNET", dict(base=8, mults=(1, 2), embed_dim=8))
     monkeypatch.setattr(D, "DIGITS_DDPM", dict(D.DIGITS_DDPM, timesteps=10))
     rows = bench.BENCHMARKS["diffusion"][0]()
