@@ -4,8 +4,9 @@ Each benchmark returns rows (one per model and data set) with the parameter
 count, training seconds, held-out NLL in nats and bits/dim, sampling time, and
 the quality of the samples in the features of a classifier trained on the same
 data (:mod:`dgmlab.quality`), each beside the real-data floor.
-The table is printed and written atomically to ``book/results/<name>.md``
-(and ``.json``), where the book includes it: the book shows the latest figures.
+The table is printed and written atomically to ``book/results/<name>.md`` (and
+``.json`` with the rows, the sample grids and the digest of the benchmark's sources;
+``.png``), where the book includes it: the book shows the latest figures.
 """
 
 from __future__ import annotations
@@ -120,8 +121,10 @@ def measure(data_name: str, model_name: str, fit: Callable, test: torch.Tensor, 
     Every row carries the same keys, so that tables can be collected: ``nll_nats``,
     ``nll_is_bound``, ``train_s``, ``sample_ms``, ``fd``, ``fd_floor``, ``fd_ratio``,
     ``kid``, ``precision``, ``recall``, ``class_entropy`` and more; under ``grid``, the
-    first :data:`GRID` samples as [0, 1] images, which :func:`run` draws and keeps out
-    of the JSON; ``epochs``, the epochs trained, for a model fitted with a history.
+    first :data:`GRID` samples as [0, 1] images, which :func:`run` draws and saves in the
+    JSON as 8-bit pixels (:func:`encode_grid`); ``nfe``, the network passes per sample
+    (:func:`network_evaluations`, unless ``extra`` gives it); ``epochs``, the epochs
+    trained, for a model fitted with a history.
 
     A likelihood-free model (``has_log_prob = False``: a GAN) has ``nll_nats``,
     ``bits_per_dim`` and ``density_ms`` None, shown as "none" in the table.
