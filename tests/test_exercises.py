@@ -82,7 +82,6 @@ def test_exercise_leaks_no_solution(solution):
 
 @per_notebook
 def test_exercise_runs_and_every_question_is_not_attempted(solution, monkeypatch):
-    monkeypatch.delenv("DGMLAB_GRADING_LOG", raising=False)
     monkeypatch.setenv("DGMLAB_FULL", "0")  # the kernel inherits it: fast mode, as students get
     questions = nbs.questions(nbs.read_notebook(solution), str(solution))
     nb = nbs.read_notebook(exercise_of(solution))
@@ -169,6 +168,6 @@ def test_grading_a_class_of_real_submissions(tmp_path):
     assert elapsed < 200, f"grading took {elapsed:.0f} s"
 
     rows = (tmp_path / "grades" / "gradebook.csv").read_text().splitlines()
-    assert rows[0] == "student,question,points,max" and len(rows) == 1 + 5 * len(full)
+    assert rows[0] == "student,question,points,max,isolated" and len(rows) == 1 + 5 * len(full)
     feedback = (tmp_path / "grades" / "feedback" / "cyd.md").read_text()
     assert "ValueError" in feedback and "an honest bug" in feedback

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import itertools
-import json
 import linecache
 import os
 import re
@@ -38,7 +37,7 @@ from dgmlab.grading import (
 )
 from dgmlab.grading import notebooks as nbs
 from dgmlab.grading.cli import main as cli_main
-from dgmlab.grading.grader import grade
+from dgmlab.grading.grader import grade, sandbox_available
 from dgmlab.grading.feedback import fold, unfold
 
 # --------------------------------------------------------------------------
@@ -147,18 +146,26 @@ def test_interrupt_is_recorded_then_reraised(capsys, exc):
     assert results()[-1].status == "interrupted"
 
 
-def test_verdicts_are_logged_as_json_lines(capsys, tmp_path, monkeypatch):
-    log = tmp_path / "log.jsonl"
-    monkeypatch.setenv("DGMLAB_GRADING_LOG", str(log))
-    with check("q1", points=2):
-        pass
-    with check("q2", points=1.5):
-        expect_equal(1, 2)
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
-    assert records[0] == {"question": "q1", "points": 2, "max": 2, "status": "passed",
-                          "message": "✅ q1: 2/2 points."}
-    assert records[1]["status"] == "failed" and records[1]["points"] == 0 and records[1]["max"] == 1.5
-    assert records[1]["message"] == "❌ q2: 0/1.5 points. The result: expected 2, got 1."
+def test_a_students_exception_from_the_sandbox_names_their_line_and_is_withheld_in_hidden_tests(capsys):
+    from dgmlab.grading import feedback
+    from dgmlab.grading.link import student_exception
+
+    reply = {"type": "ZeroDivisionError", "message": "secret 4242",
+             "frames": [["<ipython-input-3-abc>", "add", 2, "return a / 0"]]}
+
+    def add(*args):
+        raise student_exception(reply)
+
+    cell = 'with check("q1", points=1):\n    add(1, 2)\nwith check("q2", points=1):\n    add(3, 4)\n'
+    feedback.HIDDEN_LINES["<cell 99>"] = {4}  # the second call is a hidden test
+    try:
+        exec(compile(cell, "<cell 99>", "exec"), {"check": check, "add": add})
+    finally:
+        del feedback.HIDDEN_LINES["<cell 99>"]
+    visible, hidden = capsys.readouterr().out.splitlines()
+    assert visible == ("❌ q1: 0/1 point. Your code raised ZeroDivisionError: secret 4242, in add "
+                       "(line 2 of its cell): return a / 0.")
+    assert hidden == "❌ q2: 0/1 point. Your code raised ZeroDivisionError in a hidden test, in add (line 2 of its cell): return a / 0."
 
 
 def test_check_refuses_bad_arguments():
@@ -321,6 +328,21 @@ def test_multi_line_task_is_joined():
     assert "Task: first part, second part.\")" in exercise.cells[0].source
 
 
+def test_each_solution_block_of_a_cell_gets_its_own_task_in_its_stub():
+    tasks = ['say "hi" \\ {twice}', "ü ≤ 2, then 'x'"]
+    answer = (f"def f(x):\n    # Task: {tasks[0]}\n    ### BEGIN SOLUTION\n    y = 1\n    ### END SOLUTION\n"
+              f"    if x:\n        # Task: {tasks[1]}\n        ### BEGIN SOLUTION\n        y = 2\n"
+              "        ### END SOLUTION\n    return y\n")
+    source = nbs.make_exercise(solution_nb(answer)).cells[0].source
+    lines = source.splitlines()
+    assert lines[0] == "def f(x):" and source.endswith("    return y\n")  # the rest kept as it was
+    stubs = [line for line in lines if "YOUR CODE HERE" in line or "NotImplementedError" in line]
+    assert [line[:len(line) - len(line.lstrip())] for line in stubs] == [" " * 4] * 2 + [" " * 8] * 2
+    texts = [eval(line.strip().removeprefix("raise NotImplementedError")) for line in stubs[1::2]]
+    assert texts == [f"Replace this line with your code. Task: {t}" for t in tasks]
+    assert "ü ≤ 2" in stubs[3]  # readable in the notebook, not \u-escaped
+
+
 def test_a_hint_above_a_solution_is_refused_because_students_would_see_it_first():
     answer = "def f(x):\n    # Hint: add one.\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION"
     with pytest.raises(nbs.NotebookError, match=r"shown before the student answers.*check\(\.\.\., hint=\.\.\.\)"):
@@ -336,6 +358,8 @@ def test_exercise_drops_hidden_tests_solution_only_cells_and_run_state():
     answer = exercise.cells[2]
     assert answer.outputs == [] and answer.execution_count is None
     assert "execution" not in answer.metadata
+    solution.cells[2].metadata.update(ExecuteTime={"end_time": "2024-01-01"}, scrolled=True)
+    assert not {"ExecuteTime", "scrolled"} & set(nbs.make_exercise(solution).cells[2].metadata)
     assert exercise.metadata["kernelspec"]["name"] == "python3"
     assert solution.cells[2].outputs  # the input is left alone
 
@@ -353,6 +377,7 @@ def test_nbgrader_metadata_on_both_versions():
         assert "nbgrader" not in nb.cells[1].metadata
     assert exercise.cells[3].metadata["editable"] is False
     assert exercise.cells[3].metadata["deletable"] is False
+    assert not {"editable", "deletable"} & set(exercise.cells[2].metadata)  # answers stay free
     assert nbs.questions(coin_solution()) == [nbs.Question("q1_bernoulli_mle", 2, 3)]
 
 
@@ -400,6 +425,9 @@ REFUSALS = {
                                'with check("q2", points=1):\n    pass',
                                "line 3: two check(...) blocks in one cell"),
     "bare check call": ('c = check("q1", points=1)', "line 1: use check(...) as a context manager"),
+    "stub off the body's indentation": ("def f(x):\n    y = 1\n        # Task: h\n        ### BEGIN SOLUTION\n"
+                                        "    return x\n        ### END SOLUTION",
+                                        "the exercise version of this cell would not be valid Python"),
 }
 
 
@@ -490,27 +518,6 @@ def test_find_leaks_ignores_trivial_and_visible_lines():
     exercise = nbs.make_exercise(solution)
     exercise.cells[1].source += "\n    return y\n    )\n    pass"
     assert nbs.find_leaks(solution, exercise) == []
-
-
-def test_guard_code_rebinds_only_what_the_checks_use_at_the_setup_cells_lines():
-    setup = ("import math\nimport torch\nfrom dgmlab import divergences as dv, viz\n"
-             "Normal = torch.distributions.Normal\n_ = torch.manual_seed(0)\n\n"
-             "def helper(k):\n    return math.sqrt(k)\n\nresults = [1]\n")
-    test = ('with check("q1", points=1):\n    expect_true(helper(4) == float(2), "helper")\n'
-            "    expect_close(dv.LOG2, Normal(0, 1).mean + 0.69)")
-    guard = nbs.guard_code(solution_nb(setup, test)).splitlines()
-    # not viz, the seed or `results` (which `from dgmlab.grading import *` would overwrite)
-    assert guard == ["import math", "import torch", "from dgmlab import divergences as dv",
-                     "Normal = torch.distributions.Normal", "", "", "def helper(k):",
-                     "    return math.sqrt(k)", "", "",
-                     "from dgmlab.grading import check, expect_close, expect_true",
-                     "from builtins import float"]
-    # A setup cell holding a solution is never re-run, only its imports.
-    answer = "import math\n\ndef helper(k):\n    # Task: h\n    ### BEGIN SOLUTION\n    return 2\n    ### END SOLUTION"
-    guard = nbs.guard_code(solution_nb(answer, test)).splitlines()
-    assert guard == ["", "", "", "", "", "", "",
-                     "from dgmlab.grading import check, expect_close, expect_true",
-                     "from builtins import float"]
 
 
 # --------------------------------------------------------------------------
@@ -626,13 +633,13 @@ def make_submissions(folder: Path, exercise: nbformat.NotebookNode) -> None:
 
 
 def processes_with(marker: str) -> list[int]:
-    """Live (non-zombie) processes whose environment mentions ``marker``."""
+    """Live (non-zombie) processes whose command line or environment mentions ``marker``."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if marker.encode() in (proc / "environ").read_bytes():
+            if marker.encode() in (proc / "environ").read_bytes() + (proc / "cmdline").read_bytes():
                 state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
                 if state != "Z":
                     found.append(int(proc.name))
@@ -654,7 +661,7 @@ def graded(tmp_path_factory):
         mp.setattr(tempfile, "tempdir", str(scratch))  # the grader's scratch folders go here
         started = time.monotonic()
         results = grade(root / "assignment.ipynb", root / "submissions", root / "out",
-                        cell_timeout=3, timeout=12, jobs=2)
+                        cell_timeout=3, timeout=12, jobs=2, sandbox=sandbox_available())
         elapsed = time.monotonic() - started
     return {"root": root, "results": results, "elapsed": elapsed, "scratch": scratch}
 
@@ -662,8 +669,9 @@ def graded(tmp_path_factory):
 def test_gradebook_has_the_exact_points_of_every_student(graded):
     with open(graded["root"] / "out" / "gradebook.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["student", "question", "points", "max"]
-    expected = [[student, q, str(p), str(m)]
+    assert rows[0] == ["student", "question", "points", "max", "isolated"]
+    isolated = "yes" if sandbox_available() else "no"
+    expected = [[student, q, str(p), str(m), isolated]
                 for student, (_, points, _) in sorted(EXPECTED.items())
                 for q, p, m in zip(["q1_add", "q2_mean", "q3_square"], points, [2, 3, 1])]
     assert rows[1:] == expected
@@ -704,9 +712,9 @@ def test_executed_notebooks_are_kept_when_execution_happened(graded):
                                                           "jo"]
     ada = nbs.read_notebook(executed / "ada.ipynb")
     assert "✅ q3_square: 1/1 point." in ada.cells[7].outputs[0]["text"]
-    # What is re-run before each check leaves no trace: no outputs, no skipped execution counts.
+    # The student's cells are numbered as they ran in the sandbox; the checks ran in the judge.
     code = [c for c in ada.cells if c.cell_type == "code"]
-    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert [c.execution_count for c in code] == [1, 2, None, 3, None, 4, None]
     assert [len(c.outputs) for c in code] == [0, 0, 1, 0, 1, 0, 1]
 
 
@@ -714,29 +722,6 @@ def test_grading_is_bounded_in_time_and_leaves_no_processes(graded):
     assert graded["elapsed"] < 45
     assert processes_with(str(graded["scratch"])) == []
     assert list(graded["scratch"].iterdir()) == []
-
-
-def test_the_worker_kernel_talks_over_unix_sockets_in_its_own_folder(tmp_path):
-    from nbclient import NotebookClient
-
-    from dgmlab.grading import _worker
-
-    nb = new_notebook(cells=[new_code_cell("print(6 * 7)")])
-    client = NotebookClient(nb, kernel_name="python3", timeout=30, startup_timeout=60)
-    events = _worker._Events(str(tmp_path / "events.jsonl"))
-    try:
-        _worker.start_kernel(client, events, sockets=tmp_path / "sockets")
-        client.execute_cell(nb.cells[0], 0)
-        info = client.km.get_connection_info()
-        sockets = sorted(p.name for p in (tmp_path / "sockets").iterdir())
-    finally:
-        client._cleanup_kernel()
-    assert nb.cells[0].outputs[0]["text"] == "42\n"
-    assert info["transport"] == "ipc" and info["ip"] == str(tmp_path / "sockets" / "kernel")
-    assert sockets == sorted(f"kernel-{info[k]}" for k in
-                             ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"))
-    started = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in started] == ["kernel"] and started[0]["pid"] > 0
 
 
 def test_kernels_in_this_test_suite_use_unix_sockets():
@@ -757,7 +742,7 @@ def test_kernels_in_this_test_suite_use_unix_sockets():
 
 
 def test_a_kernel_start_is_retried_only_as_often_as_asked():
-    from dgmlab.grading import kernels
+    import kernels
 
     calls = []
 
@@ -778,58 +763,11 @@ def test_a_kernel_start_is_retried_only_as_often_as_asked():
 def test_the_worker_falls_back_to_tcp_when_a_socket_path_would_be_too_long(tmp_path):
     from jupyter_client import KernelManager
 
-    from dgmlab.grading import kernels
+    import kernels
 
     km = KernelManager(kernel_name="python3")
     assert not kernels.use_unix_sockets(km, tmp_path / ("x" * 100))
     assert km.transport == "tcp"
-
-
-class _FlakyClient:
-    """Stands in for an nbclient client whose kernel dies at start ``failures`` times."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures, self.starts, self.cleanups = failures, 0, 0
-        self.km = None
-
-    def create_kernel_manager(self):
-        return type("KM", (), {"provisioner": type("P", (), {"pid": 4242})()})()
-
-    def start_new_kernel(self) -> None:
-        self.starts += 1
-
-    def start_new_kernel_client(self) -> None:
-        if self.starts <= self.failures:
-            raise RuntimeError("Kernel died before replying to kernel_info")
-
-    def _cleanup_kernel(self) -> None:
-        self.cleanups += 1
-
-
-def test_a_kernel_that_dies_at_start_is_started_again(tmp_path):
-    from dgmlab.grading import _worker
-
-    log = tmp_path / "events.jsonl"
-    client = _FlakyClient(failures=2)
-    _worker.start_kernel(client, _worker._Events(str(log)), attempts=3)
-    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
-    assert events == ["kernel", "restart", "kernel", "restart", "kernel"]
-    assert (client.starts, client.cleanups) == (3, 2)
-
-    with pytest.raises(RuntimeError, match="Kernel died"):
-        _worker.start_kernel(_FlakyClient(failures=3), _worker._Events(str(tmp_path / "e2")), attempts=3)
-
-
-def test_every_kernel_a_worker_reported_is_killed(tmp_path):
-    from dgmlab.grading import grader
-
-    events = tmp_path / "events.jsonl"
-    kernels = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                                start_new_session=True) for _ in range(2)]
-    events.write_text("".join(json.dumps({"event": "kernel", "pid": k.pid}) + "\n" for k in kernels))
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    grader._stop_worker(worker, events)
-    assert [k.wait(timeout=5) for k in kernels] == [-9, -9]
 
 
 def test_cli_grades_and_generates(tmp_path, capsys):
@@ -841,7 +779,8 @@ def test_cli_grades_and_generates(tmp_path, capsys):
     assert cli_main(args) == 0
     assert cli_main([*args, "--check"]) == 0
     code = cli_main(["grade", str(tmp_path / "solutions" / "assignment.ipynb"), str(tmp_path / "subs"),
-                     "--out", str(tmp_path / "grades"), "--cell-timeout", "10", "--timeout", "60"])
+                     "--out", str(tmp_path / "grades"), "--cell-timeout", "10", "--timeout", "60",
+                     *([] if sandbox_available() else ["--no-sandbox"])])
     assert code == 0
     assert re.search(r"^ada +6/6$", capsys.readouterr().out, re.M)
     assert cli_main(["grade", str(tmp_path / "nope.ipynb"), str(tmp_path / "subs")]) == 2
@@ -888,3 +827,111 @@ def test_exercise_folds_hints_so_they_are_read_after_a_wrong_answer(capsys):
     out = verdict(capsys, shown, "def mle(x):\n    return 0.5\n")
     assert out.endswith("\nHint: Count the ones, then divide.\n")  # unfolded once it is needed
     assert unfold("plain text") == "plain text" and unfold(fold("ü ≤ 2")) == "ü ≤ 2"
+
+
+# --------------------------------------------------------------------------
+# The sandbox wall: what crosses it, and how
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wall(tmp_path_factory):
+    """A runner (the student's side, unsandboxed here) holding a few functions, and the judge's link to it."""
+    from dgmlab.grading import judge
+    from dgmlab.grading.link import Link
+
+    proc, _ = judge.start_runner({"home": str(tmp_path_factory.mktemp("home")), "sandbox": False, "threads": 1})
+    link = Link(proc.stdin.fileno(), proc.stdout.fileno())
+    link.send({"memory": None})
+    assert link.receive()["op"] == "ready"
+    cell = ("import torch\n"
+            "def affine(x, w):\n    return torch.tanh(x @ w).sum(-1), x.argmax(-1)\n"
+            "def through(f, x):\n    return f(x * 2) ** 2\n"
+            "def draw():\n    return torch.rand(3)\n"
+            "class Liar:\n    def __eq__(self, other):\n        return True\n"
+            "def liar():\n    return Liar()\n")
+    assert link.request({"op": "run", "source": cell, "timeout": 30})["status"] == "ok"
+    found = link.value(link.request({"op": "names", "names": ["affine", "through", "draw", "liar"]}))[0]
+    yield link, found
+    link.send({"op": "stop"})
+    proc.wait(timeout=10)
+
+
+def test_gradients_cross_the_wall_as_if_the_students_function_were_local(wall):
+    link, f = wall
+    link.deadline = time.monotonic() + 30
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    out, index = f["affine"](x, w)
+    local = torch.tanh(x @ w).sum(-1)
+    assert torch.equal(out.detach(), local.detach()) and not index.requires_grad
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(out.sum(), [x, w]),
+                                                    torch.autograd.grad(local.sum(), [x, w])))
+    # and through one of the judge's own functions, called back from the student's code
+    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    y = f["through"](lambda v: v * scale, x)
+    assert torch.allclose(y, (x * 2 * scale) ** 2)
+    got = torch.autograd.grad(y.sum(), [x, scale])
+    want = torch.autograd.grad(((x * 2 * scale) ** 2).sum(), [x, scale])
+    assert all(torch.allclose(a, b) for a, b in zip(got, want))
+
+
+def test_the_random_streams_are_shared_and_only_plain_data_comes_back(wall):
+    link, f = wall
+    link.deadline = time.monotonic() + 30
+    torch.manual_seed(7)
+    remote = f["draw"]()
+    after = torch.rand(2)
+    torch.manual_seed(7)
+    assert torch.equal(remote, torch.rand(3)) and torch.equal(after, torch.rand(2))
+    liar = f["liar"]()  # an object of the student's class stays in the sandbox, as a stand-in
+    assert type(liar).__name__ == "Remote" and liar != 1 and not (liar == liar._key)
+
+
+def test_the_judge_refuses_anything_but_plain_data():
+    import io
+    import pickle as pkl
+
+    from dgmlab.grading import wire
+
+    assert wire.unpack(wire.pack({"a": [1, (2.5, "x")], "t": torch.arange(3)}))["a"] == [1, (2.5, "x")]
+    tensors: list = []  # NumPy values keep their shape (0-d too) and strides do not matter
+    data = wire.plain({"a": np.array(2.5), "b": np.float32(1.5), "c": np.arange(6).reshape(2, 3)[:, ::2]},
+                      id, tensors)
+    back = wire.rebuild(wire.unpack(wire.pack(data)), wire.unpack(wire.pack(tensors)), None)
+    assert back["a"].shape == () and back["b"] == 1.5 and back["c"].tolist() == [[0, 2], [3, 5]]
+    with pytest.raises(wire.WireError):
+        wire.unpack(pkl.dumps(os.system))  # a pickle that would call something
+    buffer = io.BytesIO()
+    torch.save({"f": print}, buffer)
+    with pytest.raises(wire.WireError):
+        wire.unpack(buffer.getvalue())
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(wire.WireError, match="nested"):
+        wire.unpack(wire.pack(deep))
+
+
+def test_only_what_the_visible_part_of_a_check_binds_is_shared_with_the_students_process():
+    from dgmlab.grading.judge import visible_names
+
+    cell = ('def helper(v):\n    return v\n\nwith check("q1", points=1):\n    cases = [1, 2]\n    got = f(cases)\n'
+            '    for k in cases:\n        seen = k\n    ### BEGIN HIDDEN TESTS\n    cases = [3, 4]\n'
+            '    expected = 42\n    ### END HIDDEN TESTS\n')
+    hidden = set(range(9, 13))
+    # cases is rebound by the hidden test (its value may be hidden now); expected exists only there
+    assert sorted(visible_names(cell, hidden)) == ["got", "helper", "k", "seen"]
+    assert sorted(visible_names(cell, set())) == ["cases", "expected", "got", "helper", "k", "seen"]
+
+
+def test_a_submission_that_asks_for_too_much_memory_gets_a_memory_error_and_the_rest_is_graded(tmp_path):
+    solution = solution_nb(*ASSIGNMENT)
+    write(solution, tmp_path / "assignment.ipynb")
+    greedy = {**RIGHT, "add": "def add(a, b):\n    hog = bytearray(6 * 2**30)  # 6 GiB, over the 3 GiB allowed\n"
+                              "    return a + b"}
+    write(student_notebook(nbs.make_exercise(solution), greedy), tmp_path / "subs" / "greedy.ipynb")
+    (result,) = grade(tmp_path / "assignment.ipynb", tmp_path / "subs", tmp_path / "out", cell_timeout=20,
+                      timeout=90, jobs=1, sandbox=sandbox_available(), memory_gb=3)
+    assert [q.points for q in result.questions] == [0, 3, 1]
+    assert "Your code raised MemoryError, in add (line 2 of its cell)" in result.questions[0].message

@@ -28,8 +28,7 @@ _LAZY = {
     "generate": "notebooks",
     "make_exercise": "notebooks",
     "questions": "notebooks",
-    "QuestionResult": "grader",
-    "StudentResult": "grader",
+    "StudentResult": "gradebook",
     "grade": "grader",
 }
 

@@ -6,6 +6,7 @@
     python -m dgmlab.grading generate [--solutions D] [--exercises D] [--check]
     python -m dgmlab.grading grade SOLUTION.ipynb SUBMISSIONS_DIR [--out grades]
                                    [--cell-timeout 60] [--timeout 600] [--jobs 2]
+                                   [--memory-gb 8] [--no-sandbox]
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     grd.add_argument("--jobs", type=int, default=2,
                      help="notebooks graded in parallel (default: %(default)s)")
+    grd.add_argument("--memory-gb", type=float, default=8,
+                     help="memory a submission may use, in GiB (default: %(default)s)")
+    grd.add_argument("--no-sandbox", action="store_true",
+                     help="grade without isolating the submissions (when bubblewrap cannot run here); "
+                          "the students' code then runs as you, and the gradebook records isolated=no")
     return parser
 
 
@@ -92,7 +98,8 @@ def _grade(args: argparse.Namespace) -> int:
         print(f"graded {result.student}", file=sys.stderr, flush=True)
 
     results = grade(args.solution, args.submissions, args.out, cell_timeout=args.cell_timeout,
-                    timeout=args.timeout, jobs=args.jobs, on_result=progress)
+                    timeout=args.timeout, jobs=args.jobs, sandbox=not args.no_sandbox,
+                    memory_gb=args.memory_gb, on_result=progress)
     print(format_summary(results))
     print(f"\n{len(results)} submissions graded; "
           f"see {args.out}/gradebook.csv and {args.out}/feedback/.")
@@ -103,11 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for bad input)."""
     args = _parser().parse_args(argv)
     from .notebooks import NotebookError
+    from .sandbox import SandboxUnavailable
 
     try:
         commands = {"execute": _execute, "generate": _generate, "grade": _grade}
         return commands[args.command](args)
-    except (NotebookError, ValueError, OSError) as err:
+    except (NotebookError, SandboxUnavailable, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

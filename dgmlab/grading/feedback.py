@@ -13,8 +13,11 @@ A hint is for after a wrong answer: in the exercise notebook the generator
 folds it (:func:`fold`, base64 behind ``folded:``), so that it is not read
 before the question is tried, and :class:`Check` unfolds it when it is shown.
 
-When ``DGMLAB_GRADING_LOG`` names a file, every verdict is also appended to it
-as one JSON line; that is how the grader collects results from a kernel.
+When the grader runs a check (:mod:`.judge`), the student's functions are
+called in another process; the exceptions they raise arrive with the
+student's frames in ``remote_frames``, and inside hidden tests their messages
+are not quoted (``HIDDEN_LINES``), so feedback never repeats what the
+student's code said about a hidden test.
 
 This module imports nothing heavy (NumPy is loaded on first use, PyTorch is
 only recognised if the notebook already imported it), so check cells and the
@@ -26,7 +29,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import json
 import linecache
 import numbers
 import os
@@ -36,13 +38,12 @@ import sys
 import sysconfig
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 __all__ = [
-    "LOG_ENV",
     "Check",
     "CheckFailed",
     "CheckResult",
@@ -55,8 +56,7 @@ __all__ = [
     "results",
 ]
 
-LOG_ENV = "DGMLAB_GRADING_LOG"
-
+HIDDEN_LINES: dict[str, set[int]] = {}  # cell file name -> lines of its hidden tests (set by the judge)
 PASSED, FAILED, ERROR = "passed", "failed", "error"
 NOT_ATTEMPTED, INTERRUPTED = "not_attempted", "interrupted"
 
@@ -168,7 +168,8 @@ class Check:
     def __enter__(self) -> Check:
         # Remember the code running the ``with`` block (the check cell) so that
         # errors raised there can be told apart from errors in the student's functions.
-        self._check_code = sys._getframe(1).f_code
+        code = sys._getframe(1).f_code
+        self._check_code = (code.co_filename, _qualname(code))
         return self
 
     def __exit__(
@@ -195,21 +196,26 @@ class Check:
     def _judge(self, exc: BaseException, tb: TracebackType | None) -> tuple[str, str]:
         """The status and explanation for an exception raised inside the block."""
         zero = f"0/{_score(self.points)}."
-        frames = _student_frames(tb)
+        frames = frame_records(tb) + list(getattr(exc, "remote_frames", []))
         last = frames[-1] if frames else None
-        in_check_cell = last is not None and last[0].f_code is self._check_code
+        in_check_cell = last is not None and last[:2] == self._check_code
         if isinstance(exc, NotImplementedError):
             return NOT_ATTEMPTED, _not_attempted_text(exc, last, in_check_cell, self.points)
         if isinstance(exc, CheckFailed):
             return FAILED, f"{zero} {exc.message}" + self._hints(exc.hint)
         if isinstance(exc, AssertionError) and in_check_cell:
             # A plain ``assert`` written in the check cell is an expectation too.
-            reason = str(exc) or f"This check failed: {_code_line(last)}"
+            reason = str(exc) or f"This check failed: {last[3] if last else ''}"
             return FAILED, f"{zero} {_full_stop(reason)}" + self._hints()
         if isinstance(exc, NameError):
             return ERROR, f"{zero} {_name_error_text(exc, last, in_check_cell)}"
         where = _where(last, in_check_cell)
+        if hasattr(exc, "remote_frames") and self._in_hidden_test(tb):
+            return ERROR, f"{zero} Your code raised {_exc_name(exc)} in a hidden test{where}." + self._hints()
         return ERROR, f"{zero} Your code raised {_exc_text(exc)}{where}." + self._hints()
+
+    def _in_hidden_test(self, tb: TracebackType | None) -> bool:
+        return any(n in HIDDEN_LINES.get(f.f_code.co_filename, ()) for f, n in traceback.walk_tb(tb))
 
     def _hints(self, *extra: str | None) -> str:
         hints = [h.strip() for h in (*extra, self.hint) if h and h.strip()]
@@ -221,23 +227,7 @@ class Check:
         result = CheckResult(self.question, earned, self.points, status, message)
         print(message, flush=True)
         _RESULTS[self.question] = result
-        _append_to_log(result)
         return result
-
-
-def _append_to_log(result: CheckResult) -> None:
-    """Append the verdict to ``$DGMLAB_GRADING_LOG`` (if set) and make sure it is on disk."""
-    path = os.environ.get(LOG_ENV)
-    if not path:
-        return
-    line = json.dumps(asdict(result), ensure_ascii=False) + "\n"
-    try:
-        with open(path, "a", encoding="utf-8") as log:
-            log.write(line)
-            log.flush()
-            os.fsync(log.fileno())
-    except OSError as err:  # grading goes on; the grader reports the missing verdict
-        print(f"(could not write the grading log {path}: {err})", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------
@@ -259,7 +249,7 @@ def _library_dirs() -> tuple[str, ...]:
 
 
 _LIBRARY_DIRS = _library_dirs()
-_CELL_FILE = re.compile(r"(^<ipython-input-)|([\\/]ipykernel_\d+[\\/])")
+_CELL_FILE = re.compile(r"(^<ipython-input-)|([\\/]ipykernel_\d+[\\/])|(^<cell \d+>$)")
 
 
 def _is_student_file(filename: str) -> bool:
@@ -274,30 +264,26 @@ def _is_student_file(filename: str) -> bool:
     return not path.startswith(_LIBRARY_DIRS)
 
 
-def _student_frames(tb: TracebackType | None) -> list[tuple[Any, int]]:
-    """(frame, line number) of every traceback entry in the student's code, innermost last."""
-    return [(f, n) for f, n in traceback.walk_tb(tb) if _is_student_file(f.f_code.co_filename)]
-
-
-def _code_line(entry: tuple[Any, int] | None) -> str:
-    if entry is None:
-        return ""
-    frame, lineno = entry
-    return linecache.getline(frame.f_code.co_filename, lineno, frame.f_globals).strip()
-
-
-def _function_name(entry: tuple[Any, int]) -> str:
-    code = entry[0].f_code
+def _qualname(code: Any) -> str:
     return getattr(code, "co_qualname", code.co_name)
 
 
-def _where(entry: tuple[Any, int] | None, in_check_cell: bool) -> str:
+def frame_records(tb: TracebackType | None) -> list[tuple[str, str, int, str]]:
+    """(file, function, line, code) of every traceback entry in the student's code, innermost last."""
+    return [(f.f_code.co_filename, _qualname(f.f_code), n,
+             linecache.getline(f.f_code.co_filename, n, f.f_globals).strip())
+            for f, n in traceback.walk_tb(tb) if _is_student_file(f.f_code.co_filename)]
+
+
+def _function_name(entry: tuple[str, str, int, str]) -> str:
+    return entry[1]
+
+
+def _where(entry: tuple[str, str, int, str] | None, in_check_cell: bool) -> str:
     """', in f (line 4 of its cell): <code>' -- where an exception happened, or ''."""
     if entry is None:
         return ""
-    frame, lineno = entry
-    name, filename = _function_name(entry), frame.f_code.co_filename
-    code = _code_line(entry)
+    filename, name, lineno, code = entry
     code = f": {code}" if code else ""
     if in_check_cell:
         return f", at line {lineno} of this check cell{code}"
@@ -308,13 +294,27 @@ def _where(entry: tuple[Any, int] | None, in_check_cell: bool) -> str:
     return f", in {name} ({os.path.basename(filename)}, line {lineno}){code}"
 
 
+def _hidden_now() -> bool:
+    """Whether the code running now was called from a hidden test (of a check run by the judge)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_lineno in HIDDEN_LINES.get(frame.f_code.co_filename, ()):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _exc_name(exc: BaseException) -> str:
+    return getattr(exc, "type_name", type(exc).__name__)
+
+
 def _exc_text(exc: BaseException) -> str:
     message = _brief(str(exc), 200)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return f"{_exc_name(exc)}: {message}" if message else _exc_name(exc)
 
 
 def _not_attempted_text(
-    exc: BaseException, last: tuple[Any, int] | None, in_check_cell: bool, points: float
+    exc: BaseException, last: tuple[str, str, int, str] | None, in_check_cell: bool, points: float
 ) -> str:
     name = _function_name(last) if last is not None and not in_check_cell else "<module>"
     target = "the code marked YOUR CODE HERE" if name == "<module>" else name
@@ -327,7 +327,7 @@ def _not_attempted_text(
     return text
 
 
-def _name_error_text(exc: NameError, last: tuple[Any, int] | None, in_check_cell: bool) -> str:
+def _name_error_text(exc: NameError, last: tuple[str, str, int, str] | None, in_check_cell: bool) -> str:
     match = re.search(r"name '([^']+)' is not defined", str(exc))
     name = getattr(exc, "name", None) or (match.group(1) if match else None)
     subject = f"The name '{name}' is not defined" if name else f"NameError: {exc}"
@@ -627,8 +627,9 @@ def expect_function_matches(
         except NotImplementedError:
             raise  # still a stub: check() reports "not attempted"
         except Exception as exc:
-            last = (_student_frames(exc.__traceback__) or [None])[-1]
-            message = f"{call} raised {_exc_text(exc)}{_where(last, False)}."
+            last = (frame_records(exc.__traceback__) + list(getattr(exc, "remote_frames", [])) or [None])[-1]
+            said = _exc_name(exc) + " in a hidden test" if _hidden_now() else _exc_text(exc)
+            message = f"{call} raised {said}{_where(last, False)}."
             raise CheckFailed(message=message) from exc
         problem = _mismatch(got, expected, atol, rtol)
         if problem is not None:

@@ -5,23 +5,25 @@ exercise. The generator turns it into ``exercises/NN_topic.ipynb`` by
 
 * replacing each ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` block with a
   stub that raises ``NotImplementedError`` carrying the ``# Task:`` above it
-  (what to compute, never how: hints are the check's ``hint=``, shown only
-  after a wrong answer);
+  (what to compute, never how: hints are the check's ``hint=``, folded, shown
+  only after a wrong answer);
 * deleting ``### BEGIN HIDDEN TESTS`` ... ``### END HIDDEN TESTS`` regions and
   cells tagged ``solution-only``;
 * clearing outputs, execution counts and timing metadata, and locking check cells.
 
-Both versions carry nbgrader (schema 3) cell metadata, so the same notebooks
-work with nbgrader on a JupyterHub. Malformed notebooks are refused with an
-error naming the notebook, cell and line, because a silently broken exercise
-is found by students, not by the author.
+nbgrader's own preprocessors (ClearSolutions, ClearHiddenTests, ClearOutput,
+LockCells) do the clearing and locking; this module adds what they lack: the
+tasks in the stubs, folded hints, ``solution-only`` cells, the nbgrader (schema
+3) metadata, deterministic cell ids, leak detection, and validation. Malformed
+notebooks are refused with an error naming the notebook, cell and line, because
+a silently broken exercise is found by students, not by the author.
 """
 
 from __future__ import annotations
 
 import ast
-import builtins
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +36,6 @@ import nbformat
 from nbformat import NotebookNode
 
 from ..files import atomic_write
-from . import feedback
 
 __all__ = [
     "NotebookError",
@@ -43,7 +44,6 @@ __all__ = [
     "execute_in_place",
     "find_leaks",
     "generate",
-    "guard_code",
     "make_exercise",
     "notebook_text",
     "questions",
@@ -63,6 +63,7 @@ _ID = re.compile(r"[A-Za-z0-9_-]+")
 _TASK = re.compile(r"^\s*#\s*Task:\s*", re.IGNORECASE)
 _HINT = re.compile(r"^\s*#\s*Hint:", re.IGNORECASE)
 _TIMING_KEYS = ("execution", "ExecuteTime")
+_TASK_SLOT = "\0"  # where nbgrader's stub gets its task: never in a cell that parses as Python
 
 
 class NotebookError(ValueError):
@@ -372,21 +373,26 @@ def _plan_code_cell(source: str, index: int, where: _Where) -> _CellPlan:
     return _CellPlan("answer", [r for r, _ in checked], function=checked[0][1])
 
 
-def _exercise_source(source: str, regions: list[_Region]) -> str:
-    """The cell without its solutions (replaced by stubs) and hidden tests (removed)."""
-    lines = source.splitlines()
-    out: list[str] = []
-    start = 0
-    for r in sorted(regions, key=lambda r: r.begin):
-        out += lines[start:r.begin]
-        if r.kind == "solution":
-            text = f"Replace this line with your code. Task: {r.task}"
-            literal = json.dumps(text, ensure_ascii=False)  # JSON escapes are valid Python
-            out += [f"{r.indent}# YOUR CODE HERE",
-                    f"{r.indent}raise NotImplementedError({literal})"]
-        start = r.end + 1
-    out += lines[start:]
-    return "\n".join(out) + ("\n" if source.endswith("\n") else "")
+@functools.cache
+def _clearing() -> tuple:
+    """nbgrader's preprocessors that clear solution and hidden-test regions, set up once."""
+    from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions  # slow: imported on use
+
+    stub = f"# YOUR CODE HERE\nraise NotImplementedError({_TASK_SLOT})"
+    return ClearSolutions(code_stub={"python": stub}), ClearHiddenTests()
+
+
+def _exercise_source(source: str, plan: _CellPlan) -> str:
+    """The cell for students, hints not yet folded: nbgrader's stubs in place of the solution
+    blocks, each raising with its block's task, and the hidden tests removed."""
+    flags = {"solution": plan.kind == "answer", "grade": plan.kind == "test"}
+    cell = NotebookNode(cell_type="code", source=source, metadata={"nbgrader": flags})
+    for step in _clearing():
+        cell, _ = step.preprocess_cell(cell, {"language": "python"}, 0)
+    tasks = [json.dumps(f"Replace this line with your code. Task: {r.task}", ensure_ascii=False)
+             for r in plan.regions if r.kind == "solution"]  # JSON escapes are valid Python
+    head, *rest = cell.source.split(_TASK_SLOT)
+    return head + "".join(task + text for task, text in zip(tasks, rest))
 
 
 def _tags(cell: NotebookNode) -> list[str]:
@@ -431,11 +437,10 @@ def _plan(nb: NotebookNode, name: str) -> list[_CellPlan]:
             continue
         plan = _plan_code_cell(cell.source, index, where)
         if plan.regions or plan.kind == "test":
-            plan.exercise_source = _exercise_source(cell.source, plan.regions)
-            if plan.kind == "test":
-                plan.exercise_source = _fold_hints(plan.exercise_source)
-            if _parse(plan.exercise_source) is None:
+            source = _exercise_source(cell.source, plan)
+            if _parse(source) is None:
                 where.fail("the exercise version of this cell would not be valid Python")
+            plan.exercise_source = _fold_hints(source) if plan.kind == "test" else source
         if plan.kind == "test":
             qid = plan.question.id
             if qid in seen:
@@ -516,134 +521,32 @@ def questions(nb: NotebookNode, name: str = "notebook") -> list[Question]:
     return [p.question for p in _plan(nb, name) if p.kind == "test"]
 
 
-def _kept_setup_statements(tree: ast.Module, needed: set[str], definitions: bool) -> dict[int, ast.stmt]:
-    """The statements of the setup cell that bind a needed name, by index; ``needed`` grows by
-    the names they load in turn (a kept definition may need further names of the setup cell)."""
-    kept: dict[int, ast.stmt] = {}
-    grown = True
-    while grown:
-        grown = False
-        for i, node in enumerate(tree.body):
-            if i not in kept and _rebinds(node, definitions) & needed:
-                kept[i] = node
-                needed |= _loaded_names(node)
-                grown = True
-    return kept
-
-
-def guard_code(nb: NotebookNode, name: str = "notebook") -> str:
-    """Code the grader re-runs silently before each check cell, so checks use the real helpers.
-
-    It rebinds the names the check cells use to what the solution binds them
-    to: the imports (and, from a plain setup cell, the definitions and aliases
-    such as ``Normal = torch.distributions.Normal``) of the first code cell,
-    then ``from dgmlab.grading import ...`` and ``from builtins import ...`` for
-    the rest. So rebinding ``check`` or ``expect_close`` in an answer cell
-    earns nothing, and no other name of the student's is touched. Re-run
-    definitions keep their line numbers, so tracebacks through them read as
-    in the setup cell.
-    """
-    plans = _plan(nb, name)
-    needed: set[str] = set()
-    for cell, plan in zip(nb.cells, plans):
-        if plan.kind == "test":
-            needed |= _loaded_names(_parse(cell.source))
-    first = next(((c, p) for c, p in zip(nb.cells, plans)
-                  if c.cell_type == "code" and c.source.strip()), None)
-    text = _python(first[0].source) if first else None
-    tree = ast.parse(text) if text is not None else ast.Module(body=[], type_ignores=[])
-    definitions = first is not None and first[1].kind == "plain"  # not solution code
-    kept = _kept_setup_statements(tree, needed, definitions)  # grows ``needed`` too
-    lines = text.splitlines() if text is not None else []
-    slots, extra = [""] * len(lines), []
-    bound: set[str] = set()
-    for i in sorted(kept):
-        node = kept[i]
-        bound |= _rebinds(node, definitions) & needed
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            only = [a for a in node.names if _alias_name(a) in needed]
-            clone = copy.copy(node)
-            clone.names = only
-            code = ast.unparse(clone)
-            row = node.lineno - 1
-            slots[row] = f"{slots[row]}; {code}" if slots[row] else code
-            continue
-        start = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno]) - 1
-        last = lines[node.end_lineno - 1]
-        whole = node.col_offset == 0 and not last[node.end_col_offset:].split("#")[0].strip()
-        if whole and not any(slots[start:node.end_lineno]):
-            slots[start:node.end_lineno] = lines[start:node.end_lineno]
-        else:  # shares a line with other statements: run it on its own, below
-            extra.append(ast.unparse(node))
-    checks = sorted(needed & set(feedback.__all__) - bound)
-    if checks:
-        extra.append(f"from dgmlab.grading import {', '.join(checks)}")
-    builtin = sorted(n for n in needed - bound - set(checks)
-                     if hasattr(builtins, n) and not n.startswith("_"))
-    if builtin:
-        extra.append(f"from builtins import {', '.join(builtin)}")
-    code = "\n".join(slots + extra)
-    return code + "\n" if code.strip() else ""
-
-
-def _loaded_names(tree: ast.AST | None) -> set[str]:
-    """Every name read anywhere in ``tree``."""
-    if tree is None:
-        return set()
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-
-
-def _alias_name(alias: ast.alias) -> str:
-    return alias.asname or alias.name.split(".")[0]
-
-
-def _rebinds(node: ast.stmt, definitions: bool) -> set[str]:
-    """Names a setup-cell statement binds that the guard may re-run: imports always, and
-    (with ``definitions``) functions, classes and aliases of an attribute or a name."""
-    if isinstance(node, ast.ImportFrom) and node.module == "__future__":
-        return set()
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return {_alias_name(a) for a in node.names if a.name != "*"}
-    if not definitions:
-        return set()
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return {node.name}
-    if (isinstance(node, ast.Assign) and len(node.targets) == 1
-            and isinstance(node.targets[0], ast.Name) and _is_alias(node.value)):
-        return {node.targets[0].id}
-    return set()
-
-
-def _is_alias(value: ast.expr) -> bool:
-    while isinstance(value, ast.Attribute):
-        value = value.value
-    return isinstance(value, ast.Name)
-
-
 def make_exercise(nb: NotebookNode, name: str = "notebook") -> NotebookNode:
     """The student version of a solution notebook (the input is not modified)."""
     return _exercise(nb, _plan(nb, name))
 
 
+@functools.cache
+def _finishing() -> tuple:
+    """nbgrader's preprocessors that clear outputs and run state, and lock the check cells."""
+    from nbgrader.preprocessors import ClearOutput, LockCells  # slow: imported on use
+
+    fields = {"collapsed", "scrolled", *_TIMING_KEYS}
+    return ClearOutput(remove_metadata_fields=fields), LockCells(lock_solution_cells=False)
+
+
 def _exercise(nb: NotebookNode, plans: list[_CellPlan]) -> NotebookNode:
-    annotated = _annotate(nb, plans)
+    annotated = _annotate(nb, plans)  # a copy: its cells can be changed
     exercise = nbformat.v4.new_notebook()
     exercise.nbformat, exercise.nbformat_minor = annotated.nbformat, annotated.nbformat_minor
     exercise.metadata = _exercise_metadata(annotated.metadata)
     for cell, plan in zip(annotated.cells, plans):
-        if plan.kind == "dropped":
-            continue
-        cell = copy.deepcopy(cell)
-        for key in _TIMING_KEYS:
-            cell.metadata.pop(key, None)
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-        if plan.exercise_source is not None:
-            cell.source = plan.exercise_source
-        if plan.kind == "test":
-            cell.metadata["editable"] = False
-            cell.metadata["deletable"] = False
-        exercise.cells.append(cell)
+        if plan.kind != "dropped":
+            if plan.exercise_source is not None:
+                cell.source = plan.exercise_source
+            exercise.cells.append(cell)
+    for step in _finishing():
+        exercise, _ = step.preprocess(exercise, {})
     return exercise
 
 
