@@ -760,7 +760,7 @@ def test_a_kernel_start_is_retried_only_as_often_as_asked():
     assert len(calls) == 2
 
 
-def test_the_worker_falls_back_to_tcp_when_a_socket_path_would_be_too_long(tmp_path):
+def test_a_kernel_falls_back_to_tcp_when_a_socket_path_would_be_too_long(tmp_path):
     from jupyter_client import KernelManager
 
     import kernels

@@ -275,10 +275,6 @@ def frame_records(tb: TracebackType | None) -> list[tuple[str, str, int, str]]:
             for f, n in traceback.walk_tb(tb) if _is_student_file(f.f_code.co_filename)]
 
 
-def _function_name(entry: tuple[str, str, int, str]) -> str:
-    return entry[1]
-
-
 def _where(entry: tuple[str, str, int, str] | None, in_check_cell: bool) -> str:
     """', in f (line 4 of its cell): <code>' -- where an exception happened, or ''."""
     if entry is None:
@@ -316,7 +312,7 @@ def _exc_text(exc: BaseException) -> str:
 def _not_attempted_text(
     exc: BaseException, last: tuple[str, str, int, str] | None, in_check_cell: bool, points: float
 ) -> str:
-    name = _function_name(last) if last is not None and not in_check_cell else "<module>"
+    name = last[1] if last is not None and not in_check_cell else "<module>"
     target = "the code marked YOUR CODE HERE" if name == "<module>" else name
     text = (
         f"not attempted yet (0/{_score(points)}). "

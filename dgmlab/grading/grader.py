@@ -32,7 +32,7 @@ from nbformat import NotebookNode
 from ..files import atomic_write
 from . import sandbox as _sandbox
 from .feedback import CheckResult, _score
-from .gradebook import Gradebook, StudentResult, format_summary, zero_result
+from .gradebook import NOT_RUN, Gradebook, StudentResult, format_summary, zero_result
 from .judge import solution_brief
 from .notebooks import NotebookError, Question, notebook_text, questions, read_notebook
 from .sandbox import SandboxUnavailable
@@ -40,7 +40,6 @@ from .submissions import Prepared, Submission, SubmissionError, find_submissions
 
 __all__ = ["SandboxUnavailable", "format_summary", "grade", "sandbox_available"]
 
-NOT_RUN = "not_run"
 
 
 def sandbox_available() -> bool:
@@ -100,7 +99,7 @@ def _run_judge(prepared: Prepared, brief: dict, scratch: Path, settings: _Settin
                              preexec_fn=_sandbox.die_with_parent, start_new_session=True)
     try:
         proc.wait(timeout=settings.timeout)
-        ending = "finished" if proc.returncode == 0 else "worker_failed"
+        ending = "finished" if proc.returncode == 0 else "judge_failed"
     except subprocess.TimeoutExpired:
         ending = "timeout"
     finally:
@@ -139,7 +138,7 @@ class _Stop:
 
 
 def _stop_reason(ending: str, events: list[dict], nb: NotebookNode, settings: _Settings,
-                 worker_log: str) -> _Stop | None:
+                 judge_log: str) -> _Stop | None:
     """Why execution stopped before the end of the notebook, or None if it did not."""
     started = [e["cell"] for e in events if e["event"] == "start"]
     current = started[-1] if started else None
@@ -158,8 +157,8 @@ def _stop_reason(ending: str, events: list[dict], nb: NotebookNode, settings: _S
         return _Stop(current, f"Grading stopped{at} because of an error in the grader: "
                      f"{crash['error']}.", "the grader failed")
     if ending != "finished" or not any(e["event"] == "finished" for e in events):
-        tail = " / ".join(worker_log.strip().splitlines()[-3:])
-        return _Stop(current, "Grading stopped because the grading worker failed"
+        tail = " / ".join(judge_log.strip().splitlines()[-3:])
+        return _Stop(current, "Grading stopped because the grader's judge process failed"
                      + (f": {tail}" if tail else "."), "the grader failed")
     return None
 

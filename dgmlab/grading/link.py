@@ -98,7 +98,7 @@ class Link:
     def receive(self) -> dict:
         try:
             message = wire.unpack(wire.receive(self.fd_in))
-        except (EOFError, OSError, wire.WireError, struct_error()) as err:
+        except (EOFError, OSError, wire.WireError) as err:
             raise KernelDied(f"the student's process is gone or sent garbage ({err})") from None
         if not isinstance(message, dict) or not isinstance(message.get("op"), str):
             raise KernelDied("the student's process sent something that is not a reply")
@@ -208,12 +208,6 @@ class Link:
         grads = (torch.autograd.grad(output, leaves, grad, allow_unused=True, retain_graph=True)
                  if leaves and output is not None and output.requires_grad else [None] * len(leaves))
         return {"op": "callback_grads", "grads": [None if g is None else g.detach() for g in grads]}
-
-
-def struct_error():
-    import struct
-
-    return struct.error
 
 
 def _judges(obj) -> bool:

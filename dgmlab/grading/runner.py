@@ -98,8 +98,9 @@ class Runner:
         self.handles[id(obj)] = obj
         return id(obj)
 
-    def answer(self, op: str, value, **fields) -> dict:
-        tensors: list = []
+    def answer(self, op: str, value, tensors: list | None = None, **fields) -> dict:
+        """The reply carrying ``value`` as plain data; ``tensors`` (if given) receives its tensors, not copied."""
+        tensors = [] if tensors is None else tensors
         data = wire.plain(value, self.keep, tensors)
         return {"op": op, "value": data, "grad": [bool(t.requires_grad) for t in tensors],
                 "tensors": [t.detach().cpu().clone().as_subclass(torch.Tensor) for t in tensors], **fields}
@@ -203,9 +204,10 @@ class Runner:
         wire.set_rng_state(message["rng"])
         with _Timer(message["timeout"]):
             result = _apply(target, message["how"], args, kwargs)
-        reply = self.answer("return", result, rng=wire.rng_state(),
+        found: list = []
+        reply = self.answer("return", result, found, rng=wire.rng_state(),
                             generators=[g.get_state() for g in generators], call=message["call"])
-        tensors = [t for t, g in zip(wire_tensors(result, self), reply["grad"]) if g]
+        tensors = [t for t, g in zip(found, reply["grad"]) if g]
         if leaves and tensors:
             self.graphs[message["call"]] = (leaves, tensors)
             while len(self.graphs) > 64:
@@ -217,13 +219,6 @@ class Runner:
         grads = torch.autograd.grad(outputs, leaves, message["grads"], allow_unused=True, retain_graph=True)
         return {"op": "grads", "present": [g is not None for g in grads],
                 "tensors": [torch.zeros(0) if g is None else g.detach().clone() for g in grads]}
-
-
-def wire_tensors(value, runner: Runner) -> list:
-    """The tensors of ``value`` in the order :func:`wire.plain` lists them."""
-    tensors: list = []
-    wire.plain(value, lambda obj: 0, tensors)
-    return tensors
 
 
 def _apply(target, how: str, args: tuple, kwargs: dict):
@@ -256,9 +251,10 @@ class _Callback:
 
     def _ask(self, arguments, attr, call):
         runner = self.runner
-        message = runner.answer("callback", arguments, key=self.key, attr=attr, call=call, rng=wire.rng_state())
-        runner.send(message)
-        needing = tuple(t for t in wire_tensors(arguments, runner) if t.requires_grad)
+        found: list = []
+        runner.send(runner.answer("callback", arguments, found, key=self.key, attr=attr, call=call,
+                                  rng=wire.rng_state()))
+        needing = tuple(t for t in found if t.requires_grad)
         while True:
             message = runner.receive()
             if message["op"] == "callback_return":
