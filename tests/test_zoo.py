@@ -102,7 +102,7 @@ def test_the_zoo_in_the_book_is_the_table_its_last_run_wrote(name):
     if name == "zoo":  # every row is the one its family's table holds now
         for row in saved["rows"]:
             family = json.loads((bench.RESULTS_DIR / f"{row['benchmark']}.json").read_text())
-            assert family["sources"] == row["benchmark_sources"], f"re-run `python -m dgmlab.bench zoo`"
+            assert family["sources"] == row["benchmark_sources"], "re-run `python -m dgmlab.bench zoo`"
             same = [r for r in family["rows"] if (r["data"], r["model"]) == (row["data"], row["model"])]
             assert same == [{k: v for k, v in row.items() if k not in ZOO_KEYS}]
 
