@@ -41,7 +41,6 @@ from .submissions import Prepared, Submission, SubmissionError, find_submissions
 __all__ = ["SandboxUnavailable", "format_summary", "grade", "sandbox_available"]
 
 
-
 def sandbox_available() -> bool:
     """Whether bubblewrap can isolate submissions on this machine."""
     return _sandbox.available() is None
@@ -175,18 +174,18 @@ def _results(events: list[dict], prepared: Prepared, qs: list[Question], stop: _
         if record is not None:
             passed = record.get("status") == "passed"
             out.append(CheckResult(q.id, q.points if passed else 0, q.points,
-                                      str(record.get("status")), str(record.get("message", ""))))
+                                   str(record.get("status")), str(record.get("message", ""))))
         elif q.id in missing:
             error = missing[q.id]
             why = f"{error[0]}: {error[1]}" if error else "no verdict was reported"
             out.append(CheckResult(q.id, 0, q.points, "error", f"{zero} The check cell failed "
-                                      f"before it could report a verdict ({why})."))
+                                   f"before it could report a verdict ({why})."))
         else:
             when = ("while this check was running" if stop and stop.cell == cell_of[q.id]
                     else "before this check was reached")
             reason = stop.short if stop else "the notebook stopped"
             out.append(CheckResult(q.id, 0, q.points, NOT_RUN,
-                                      f"{zero} Not graded: {reason} {when}."))
+                                   f"{zero} Not graded: {reason} {when}."))
     return out
 
 
